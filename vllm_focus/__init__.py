@@ -1,0 +1,51 @@
+"""vllm-focus: a vLLM plugin serving diffusion LLMs (Dream, LLaDA) with Focus-dLLM attention.
+
+`register()` is the `vllm.general_plugins` entry point. vLLM calls it in every process it
+starts (API server, engine core, each worker, model-inspection subprocesses), so it is
+idempotent and cheap: it registers names and lazy "module:Class" strings, and imports no model
+code, no Triton and nothing that touches CUDA.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+# vLLM architecture name -> the module that defines the class.
+MODEL_CLASSES = {
+    "DreamModel": "vllm_focus.model_executor.models.dream:DreamModel",
+    "LLaDAModelLM": "vllm_focus.model_executor.models.llada:LLaDAModelLM",
+}
+
+_registered = False
+
+
+def register_hf_configs() -> None:
+    """Make transformers' AutoConfig and vLLM load `Dream` / `llada` configs without remote code."""
+    from transformers import AutoConfig
+
+    from vllm_focus.model_executor.configs.dream import DreamConfig
+    from vllm_focus.model_executor.configs.llada import LLaDAConfig
+
+    for config_class in (DreamConfig, LLaDAConfig):
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    try:
+        from vllm.transformers_utils.config import _CONFIG_REGISTRY
+    except ImportError:
+        return
+    for config_class in (DreamConfig, LLaDAConfig):
+        _CONFIG_REGISTRY[config_class.model_type] = config_class
+
+
+def register() -> None:
+    """vLLM general-plugin entry point; safe to call any number of times."""
+    global _registered
+    if _registered:
+        return
+    from vllm import ModelRegistry
+
+    register_hf_configs()
+    supported = set(ModelRegistry.get_supported_archs())
+    for arch, target in MODEL_CLASSES.items():
+        if arch not in supported:
+            ModelRegistry.register_model(arch, target)
+    _registered = True
