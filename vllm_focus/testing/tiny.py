@@ -37,7 +37,7 @@ class TinyShape:
     num_heads: int
     num_kv_heads: int
     intermediate_size: int
-    vocab_size: int = 448
+    vocab_size: int | None = None  # None: exactly the tokenizer's size
     max_position_embeddings: int = 8192
     rope_theta: float = 10000.0
     logit_scale: float = 4.0
@@ -192,6 +192,10 @@ def write_tiny_checkpoint(out: str | Path, arch: str = "dream", seed: int = 0, *
     specials = _specials(shape)
     tokenizer = train_tokenizer(NUM_BPE_TOKENS, specials)
     ids = special_token_ids(tokenizer, specials)
+    # Random weights predict every id, so ids past the tokenizer (a padded vocabulary, as the
+    # published models have) would reach the detokenizer; the default leaves no padding.
+    if shape.vocab_size is None:
+        shape = replace(shape, vocab_size=tokenizer.get_vocab_size())
     if tokenizer.get_vocab_size() > shape.vocab_size:
         raise ValueError(
             f"vocab_size {shape.vocab_size} is smaller than the tokenizer "
@@ -239,6 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-kv-heads", type=int)
     parser.add_argument("--intermediate-size", type=int)
     parser.add_argument("--max-position-embeddings", type=int)
+    parser.add_argument("--vocab-size", type=int)
     args = parser.parse_args(argv)
     overrides = {
         key: value

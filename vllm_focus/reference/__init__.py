@@ -1,0 +1,1 @@
+"""Plain-PyTorch reference forward and decoder: the oracle the engine is tested against."""

@@ -1,0 +1,210 @@
+"""Plain-PyTorch forward of Dream and LLaDA, read straight from the published safetensors.
+
+The oracle for the vLLM model classes and for every cache mode: no vLLM, no fused kernels,
+one sequence at a time, attention written out as softmax(q k^T / sqrt(d)) v over every key
+(bidirectional). A forward computes a chosen set of query positions; keys and values of the
+other positions come from a caller-held cache (`KVCache`), which is how the approximate
+caches of DESIGN §3 are expressed "the obvious way".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+
+@dataclass
+class ReferenceConfig:
+    family: str  # "dream" or "llada"
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_linear_factor: float
+    mask_token_id: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @classmethod
+    def from_json(cls, raw: dict) -> ReferenceConfig:
+        scaling = raw.get("rope_scaling") or {}
+        factor = float(scaling.get("factor", 1.0)) if scaling.get("rope_type", scaling.get(
+            "type")) == "linear" else 1.0
+        if raw["model_type"] == "Dream":
+            return cls("dream", raw["hidden_size"], raw["num_hidden_layers"],
+                       raw["num_attention_heads"], raw["num_key_value_heads"], raw["vocab_size"],
+                       raw["rms_norm_eps"], raw["rope_theta"], factor, raw["mask_token_id"])
+        return cls("llada", raw["d_model"], raw["n_layers"], raw["n_heads"],
+                   raw.get("n_kv_heads") or raw["n_heads"], raw["vocab_size"],
+                   raw["rms_norm_eps"], raw["rope_theta"], factor, raw["mask_token_id"])  # fmt: skip
+
+
+# Published tensor names per layer, keyed by role. LLaDA's `ff_out` inside a block is the
+# down projection; `model.transformer.ff_out` (no block) is the LM head.
+_DREAM_NAMES = {
+    "attn_norm": "model.layers.{n}.input_layernorm.weight",
+    "wq": "model.layers.{n}.self_attn.q_proj.weight",
+    "bq": "model.layers.{n}.self_attn.q_proj.bias",
+    "wk": "model.layers.{n}.self_attn.k_proj.weight",
+    "bk": "model.layers.{n}.self_attn.k_proj.bias",
+    "wv": "model.layers.{n}.self_attn.v_proj.weight",
+    "bv": "model.layers.{n}.self_attn.v_proj.bias",
+    "wo": "model.layers.{n}.self_attn.o_proj.weight",
+    "mlp_norm": "model.layers.{n}.post_attention_layernorm.weight",
+    "w_gate": "model.layers.{n}.mlp.gate_proj.weight",
+    "w_up": "model.layers.{n}.mlp.up_proj.weight",
+    "w_down": "model.layers.{n}.mlp.down_proj.weight",
+}
+_LLADA_NAMES = {
+    "attn_norm": "model.transformer.blocks.{n}.attn_norm.weight",
+    "wq": "model.transformer.blocks.{n}.q_proj.weight",
+    "wk": "model.transformer.blocks.{n}.k_proj.weight",
+    "wv": "model.transformer.blocks.{n}.v_proj.weight",
+    "wo": "model.transformer.blocks.{n}.attn_out.weight",
+    "mlp_norm": "model.transformer.blocks.{n}.ff_norm.weight",
+    "w_gate": "model.transformer.blocks.{n}.ff_proj.weight",
+    "w_up": "model.transformer.blocks.{n}.up_proj.weight",
+    "w_down": "model.transformer.blocks.{n}.ff_out.weight",
+}
+_TOP_NAMES = {
+    "dream": ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"),
+    "llada": (
+        "model.transformer.wte.weight",
+        "model.transformer.ln_f.weight",
+        "model.transformer.ff_out.weight",
+    ),
+}
+
+
+def _read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():
+                tensors[name] = handle.get_tensor(name)
+    return tensors
+
+
+class KVCache:
+    """Per-layer keys/values (after RoPE) for every position of one sequence."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        self.keys = keys  # each [T, num_kv_heads, head_dim]
+        self.values = values
+
+    def write(self, positions: torch.Tensor, fresh: KVCache) -> None:
+        """Store the K/V that `fresh` holds for `positions` (fresh is indexed like them)."""
+        for layer, (k, v) in enumerate(zip(fresh.keys, fresh.values)):
+            self.keys[layer][positions] = k
+            self.values[layer][positions] = v
+
+
+class ReferenceModel:
+    def __init__(self, model_dir: str | Path, dtype: torch.dtype = torch.float32) -> None:
+        model_dir = Path(model_dir)
+        self.config = ReferenceConfig.from_json(json.loads((model_dir / "config.json").read_text()))
+        tensors = {k: v.to(dtype) for k, v in _read_safetensors(model_dir).items()}
+        names = _DREAM_NAMES if self.config.family == "dream" else _LLADA_NAMES
+        self.layers = [
+            {role: tensors.get(name.format(n=n)) for role, name in names.items()}
+            for n in range(self.config.num_layers)
+        ]
+        embed, norm, head = _TOP_NAMES[self.config.family]
+        self.embed, self.final_norm, self.lm_head = tensors[embed], tensors[norm], tensors[head]
+        self.dtype = dtype
+        d = self.config.head_dim
+        exponent = torch.arange(0, d, 2, dtype=torch.float32) / d
+        self.inv_freq = 1.0 / (self.config.rope_theta**exponent)
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.config.mask_token_id
+
+    @property
+    def logits_shift(self) -> int:
+        return 1 if self.config.family == "dream" else 0
+
+    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps)
+        return x32.to(x.dtype) * weight
+
+    def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate-half RoPE; x is [Q, heads, head_dim]."""
+        t = positions.float() / self.config.rope_linear_factor
+        freqs = t[:, None] * self.inv_freq[None, :]
+        cos = torch.cat([freqs.cos(), freqs.cos()], -1)[:, None, :].to(x.dtype)
+        sin = torch.cat([freqs.sin(), freqs.sin()], -1)[:, None, :].to(x.dtype)
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
+        return x * cos + rotated * sin
+
+    def forward(
+        self, ids: torch.Tensor, query: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> tuple[torch.Tensor, KVCache]:
+        """Logits [Q, vocab] of the `query` positions of `ids` [T], and their fresh K/V.
+
+        Keys/values of positions outside `query` are read from `cache` (required unless the
+        query covers every position). Every query attends to every key (no mask).
+        """
+        total = ids.shape[0]
+        query = torch.arange(total) if query is None else query
+        if cache is None and query.numel() != total:
+            raise ValueError("a forward over part of the sequence needs a KV cache")
+        cfg = self.config
+        heads, kv_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        h = self.embed[ids[query]]
+        fresh = KVCache([], [])
+        for n, layer in enumerate(self.layers):
+            x = self._rms_norm(h, layer["attn_norm"])
+            q = _linear(x, layer["wq"], layer.get("bq")).view(-1, heads, d)
+            k = _linear(x, layer["wk"], layer.get("bk")).view(-1, kv_heads, d)
+            v = _linear(x, layer["wv"], layer.get("bv")).view(-1, kv_heads, d)
+            q, k = self._rope(q, query), self._rope(k, query)
+            fresh.keys.append(k)
+            fresh.values.append(v)
+            if cache is None:
+                keys, values = k, v
+            else:
+                keys, values = cache.keys[n].clone(), cache.values[n].clone()
+                keys[query], values[query] = k, v
+            attn = _attention(q, keys, values)
+            h = h + _linear(attn.reshape(-1, heads * d), layer["wo"])
+            x = self._rms_norm(h, layer["mlp_norm"])
+            gate = torch.nn.functional.silu(_linear(x, layer["w_gate"]))
+            h = h + _linear(gate * _linear(x, layer["w_up"]), layer["w_down"])
+        h = self._rms_norm(h, self.final_norm)
+        logits = _linear(h, self.lm_head)[:, : cfg.vocab_size]
+        return logits, fresh
+
+    def empty_cache(self, total: int) -> KVCache:
+        cfg = self.config
+        shape = (total, cfg.num_kv_heads, cfg.head_dim)
+        return KVCache(
+            [torch.zeros(shape, dtype=self.dtype) for _ in range(cfg.num_layers)],
+            [torch.zeros(shape, dtype=self.dtype) for _ in range(cfg.num_layers)],
+        )
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    out = x @ weight.T
+    return out if bias is None else out + bias
+
+
+def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Full softmax attention; q [Q, H, D], keys/values [T, Hkv, D] -> [Q, H, D]."""
+    group = q.shape[1] // keys.shape[1]
+    keys = keys.repeat_interleave(group, dim=1)
+    values = values.repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q, keys) / math.sqrt(q.shape[-1])
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), values)
