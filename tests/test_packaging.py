@@ -1,0 +1,79 @@
+"""The distribution: wheel contents, cheap import, idempotent registration."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out), str(REPO)],
+        check=True,
+        capture_output=True,
+    )
+    (path,) = out.glob("vllm_focus-*.whl")
+    return path
+
+
+def test_wheel_holds_every_subpackage_and_no_top_level_kernels(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    packages = {n.rsplit("/", 1)[0] for n in names if n.endswith("__init__.py")}
+    expected = {
+        "vllm_focus",
+        "vllm_focus/reference",
+        "vllm_focus/testing",
+        "vllm_focus/kernels",
+        "vllm_focus/model_executor",
+        "vllm_focus/model_executor/configs",
+        "vllm_focus/model_executor/models",
+    }
+    assert expected <= packages
+    top_level = {n.split("/", 1)[0] for n in names if "/" in n and ".dist-info" not in n}
+    assert top_level == {"vllm_focus"}
+    for folder in ("kernels", "model_executor", "tests"):
+        assert not any(n.startswith(folder + "/") for n in names)
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    text = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "[vllm.general_plugins]" in text and "vllm_focus:register" in text
+
+
+def test_import_is_cheap():
+    code = (
+        "import sys, vllm_focus\n"
+        "heavy = [m for m in ('torch', 'triton', 'vllm', 'transformers') if m in sys.modules]\n"
+        "print(','.join(heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd="/")  # fmt: skip
+    assert out.stdout.strip() == ""
+
+
+def test_register_twice_is_harmless():
+    code = (
+        "import vllm_focus\n"
+        "from vllm import ModelRegistry\n"
+        "vllm_focus.register(); vllm_focus.register()\n"
+        "vllm_focus._registered = False; vllm_focus.register()\n"
+        "archs = ModelRegistry.get_supported_archs()\n"
+        "print(sorted(a for a in archs if a in ('DreamModel', 'LLaDAModelLM')))\n"
+        "import torch; print(torch.cuda.is_initialized())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd="/")  # fmt: skip
+    assert out.stdout.split("\n")[:2] == ["['DreamModel', 'LLaDAModelLM']", "False"]
+
+
+def test_plugin_is_discovered_through_its_entry_point():
+    from importlib.metadata import entry_points
+
+    names = {ep.value for ep in entry_points(group="vllm.general_plugins")}
+    assert "vllm_focus:register" in names
