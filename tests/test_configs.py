@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from vllm_focus.model_executor.configs.common import ConfigError
 from vllm_focus.model_executor.configs.dream import DreamConfig
 from vllm_focus.model_executor.configs.llada import LLaDAConfig
@@ -56,8 +55,9 @@ def _write_config(directory: Path, config: dict) -> Path:
 
 @pytest.mark.parametrize("published", [LLADA_8B, DREAM_7B], ids=["llada-8b", "dream-7b"])
 def test_published_configs_load_through_autoconfig_without_remote_code(tmp_path, published):
-    import vllm_focus
     from transformers import AutoConfig
+
+    import vllm_focus
 
     vllm_focus.register_hf_configs()
     config = AutoConfig.from_pretrained(_write_config(tmp_path, published), trust_remote_code=False)
@@ -75,15 +75,17 @@ def test_published_configs_load_through_autoconfig_without_remote_code(tmp_path,
 
 
 def test_tiny_checkpoints_load_in_vllm_without_trust_remote_code(tiny_dirs):
-    import vllm_focus
     from vllm.engine.arg_utils import EngineArgs
+
+    import vllm_focus
 
     vllm_focus.register()
     config = EngineArgs(model=tiny_dirs["llada"], dtype="float32").create_engine_config()
     assert config.model_config.architectures == ["LLaDAModelLM"]
-    assert config.model_config.hf_config.mask_token_id == json.loads(
-        (Path(tiny_dirs["llada"]) / "config.json").read_text()
-    )["mask_token_id"]
+    assert (
+        config.model_config.hf_config.mask_token_id
+        == json.loads((Path(tiny_dirs["llada"]) / "config.json").read_text())["mask_token_id"]
+    )
 
 
 @pytest.mark.parametrize(
@@ -132,8 +134,9 @@ def test_linear_rope_scaling_is_carried_to_vllm():
 
 
 def test_bad_config_fails_vllm_startup_with_the_key(tiny_dirs, tmp_path):
-    import vllm_focus
     from vllm.engine.arg_utils import EngineArgs
+
+    import vllm_focus
 
     vllm_focus.register()
     bad = tmp_path / "bad"

@@ -1,7 +1,8 @@
 """Hugging Face config class for Dream (model_type "Dream", architecture "DreamModel").
 
 Dream-7B has the shape of Qwen2.5-7B; the published config.json keys are those of Qwen2 plus
-`mask_token_id`. Defaults are Dream-v0-Instruct-7B's values, except `mask_token_id`, which must be given.
+`mask_token_id`. Defaults are Dream-v0-Instruct-7B's values, except `mask_token_id`, which
+must be given.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 from transformers import PretrainedConfig
-
 from vllm_focus.model_executor.configs.common import (
     ConfigError,
     require_architectures,
@@ -115,7 +115,9 @@ class DreamConfig(PretrainedConfig):
         require_positive_float(name, "rope_theta", self.rope_theta)
         validate_rope_scaling(name, rope_scaling)
         if self.hidden_act != "silu":
-            raise ConfigError(f"{name} config: `hidden_act` must be 'silu', got {self.hidden_act!r}")
+            raise ConfigError(
+                f"{name} config: `hidden_act` must be 'silu', got {self.hidden_act!r}"
+            )
         if self.use_sliding_window:
             raise ConfigError(f"{name} config: `use_sliding_window` must be false (Dream is dense)")
         require_token_id(name, "mask_token_id", self.mask_token_id, self.vocab_size)

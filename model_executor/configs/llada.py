@@ -2,7 +2,8 @@
 
 LLaDA-8B, LLaDA-1.5 and UltraLLaDA publish OLMo-style keys (`d_model`, `n_layers`, ...). Every
 published key is kept under its own name; the standard names vLLM reads (`hidden_size`,
-`num_attention_heads`, ...) are aliases through `attribute_map`. Defaults are LLaDA-8B's values, except `mask_token_id`, which must be given.
+`num_attention_heads`, ...) are aliases through `attribute_map`. Defaults are LLaDA-8B's
+values, except `mask_token_id`, which must be given.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 from transformers import PretrainedConfig
-
 from vllm_focus.model_executor.configs.common import (
     ConfigError,
     require_architectures,

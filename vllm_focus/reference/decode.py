@@ -170,8 +170,10 @@ class RequestDecoder:
                              self.temperature, self.seed, self.step)  # fmt: skip
             count = None
             if plan.threshold is None:
-                count = (counts[i] if plan.schedule == "llada"
-                         else dream_step_count(masked.numel(), i, plan.steps_per_block))  # fmt: skip
+                if plan.schedule == "llada":
+                    count = counts[i]
+                else:
+                    count = dream_step_count(masked.numel(), i, plan.steps_per_block)
             chosen = select(choice.confidence, count, plan.threshold)
             self.x[masked[chosen]] = choice.tokens[chosen]
             self.step += 1

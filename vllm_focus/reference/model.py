@@ -38,15 +38,28 @@ class ReferenceConfig:
     @classmethod
     def from_json(cls, raw: dict) -> ReferenceConfig:
         scaling = raw.get("rope_scaling") or {}
-        factor = float(scaling.get("factor", 1.0)) if scaling.get("rope_type", scaling.get(
-            "type")) == "linear" else 1.0
+        kind = scaling.get("rope_type", scaling.get("type"))
+        factor = float(scaling["factor"]) if kind == "linear" else 1.0
         if raw["model_type"] == "Dream":
-            return cls("dream", raw["hidden_size"], raw["num_hidden_layers"],
-                       raw["num_attention_heads"], raw["num_key_value_heads"], raw["vocab_size"],
-                       raw["rms_norm_eps"], raw["rope_theta"], factor, raw["mask_token_id"])
-        return cls("llada", raw["d_model"], raw["n_layers"], raw["n_heads"],
-                   raw.get("n_kv_heads") or raw["n_heads"], raw["vocab_size"],
-                   raw["rms_norm_eps"], raw["rope_theta"], factor, raw["mask_token_id"])  # fmt: skip
+            keys = ("hidden_size", "num_hidden_layers", "num_attention_heads")
+            hidden, layers, heads = (raw[k] for k in keys)
+            kv_heads = raw["num_key_value_heads"]
+        else:
+            hidden, layers, heads = raw["d_model"], raw["n_layers"], raw["n_heads"]
+            kv_heads = raw.get("n_kv_heads") or heads
+        family = "dream" if raw["model_type"] == "Dream" else "llada"
+        return cls(
+            family,
+            hidden,
+            layers,
+            heads,
+            kv_heads,
+            raw["vocab_size"],
+            raw["rms_norm_eps"],
+            raw["rope_theta"],
+            factor,
+            raw["mask_token_id"],
+        )
 
 
 # Published tensor names per layer, keyed by role. LLaDA's `ff_out` inside a block is the

@@ -224,7 +224,9 @@ def _save_sharded(out: Path, tensors: dict, num_shards: int, save_file) -> None:
     total = 0
     for shard in range(num_shards):
         file = f"model-{shard + 1:05d}-of-{num_shards:05d}.safetensors"
-        part = {n: tensors[n].contiguous() for n in names[shard * per_shard : (shard + 1) * per_shard]}
+        part = {
+            n: tensors[n].contiguous() for n in names[shard * per_shard : (shard + 1) * per_shard]
+        }
         save_file(part, str(out / file), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(part, file))
         total += sum(t.numel() * t.element_size() for t in part.values())

