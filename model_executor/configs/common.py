@@ -6,6 +6,8 @@ who edits a config.json learns which line to fix.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class ConfigError(ValueError):
     """A config.json value that the model cannot run with."""
@@ -77,3 +79,32 @@ def require_architectures(model_type: str, architectures: object, allowed: str) 
             f"{model_type} config: `architectures` must be [{allowed!r}] (the architecture "
             f"vllm-focus serves for model_type {model_type!r}), got {architectures!r}"
         )
+
+
+def validate_transformer(
+    config: Any,
+    *,
+    positive_ints: tuple[str, ...],
+    hidden: str,
+    heads: str,
+    kv_heads: str,
+    rope_scaling: object,
+) -> None:
+    """Checks both families share; key names are the config's own (OLMo-style for LLaDA)."""
+    name = config.model_type
+    for key in positive_ints:
+        require_positive_int(name, key, getattr(config, key))
+    require_divides(name, heads, getattr(config, heads), hidden, getattr(config, hidden))
+    require_divides(name, kv_heads, getattr(config, kv_heads), heads, getattr(config, heads))
+    head_dim = getattr(config, hidden) // getattr(config, heads)
+    if head_dim % 2:
+        raise ConfigError(
+            f"{name} config: {hidden} / {heads} = {head_dim} must be even "
+            "(rotary embeddings rotate pairs of dimensions)"
+        )
+    require_positive_float(name, "rms_norm_eps", config.rms_norm_eps)
+    require_positive_float(name, "rope_theta", config.rope_theta)
+    validate_rope_scaling(name, rope_scaling)
+    require_token_id(name, "mask_token_id", config.mask_token_id, config.vocab_size)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        require_optional_token_id(name, key, getattr(config, key), config.vocab_size)

@@ -13,12 +13,7 @@ from transformers import PretrainedConfig
 from vllm_focus.model_executor.configs.common import (
     ConfigError,
     require_architectures,
-    require_divides,
-    require_optional_token_id,
-    require_positive_float,
-    require_positive_int,
-    require_token_id,
-    validate_rope_scaling,
+    validate_transformer,
 )
 
 
@@ -85,41 +80,27 @@ class DreamConfig(PretrainedConfig):
         return self.hidden_size // self.num_attention_heads
 
     def validate_dream(self, rope_scaling: object) -> None:
-        name = self.model_type
-        for key in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "max_position_embeddings",
-        ):
-            require_positive_int(name, key, getattr(self, key))
-        require_divides(
-            name, "num_attention_heads", self.num_attention_heads, "hidden_size", self.hidden_size
+        validate_transformer(
+            self,
+            positive_ints=(
+                "vocab_size",
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "max_position_embeddings",
+            ),
+            hidden="hidden_size",
+            heads="num_attention_heads",
+            kv_heads="num_key_value_heads",
+            rope_scaling=rope_scaling,
         )
-        require_divides(
-            name,
-            "num_key_value_heads",
-            self.num_key_value_heads,
-            "num_attention_heads",
-            self.num_attention_heads,
-        )
-        if self.head_dim % 2:
-            raise ConfigError(
-                f"{name} config: hidden_size / num_attention_heads = {self.head_dim} must be even "
-                "(rotary embeddings rotate pairs of dimensions)"
-            )
-        require_positive_float(name, "rms_norm_eps", self.rms_norm_eps)
-        require_positive_float(name, "rope_theta", self.rope_theta)
-        validate_rope_scaling(name, rope_scaling)
         if self.hidden_act != "silu":
             raise ConfigError(
-                f"{name} config: `hidden_act` must be 'silu', got {self.hidden_act!r}"
+                f"{self.model_type} config: `hidden_act` must be 'silu', got {self.hidden_act!r}"
             )
         if self.use_sliding_window:
-            raise ConfigError(f"{name} config: `use_sliding_window` must be false (Dream is dense)")
-        require_token_id(name, "mask_token_id", self.mask_token_id, self.vocab_size)
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            require_optional_token_id(name, key, getattr(self, key), self.vocab_size)
+            raise ConfigError(
+                f"{self.model_type} config: `use_sliding_window` must be false (Dream is dense)"
+            )

@@ -14,12 +14,7 @@ from transformers import PretrainedConfig
 from vllm_focus.model_executor.configs.common import (
     ConfigError,
     require_architectures,
-    require_divides,
-    require_optional_token_id,
-    require_positive_float,
-    require_positive_int,
-    require_token_id,
-    validate_rope_scaling,
+    validate_transformer,
 )
 
 # OLMo/LLaDA keys the architecture does not depend on, with the published values. They are
@@ -128,32 +123,28 @@ class LLaDAConfig(PretrainedConfig):
 
     def validate_llada(self, rope_scaling: object) -> None:
         name = self.model_type
-        for key in (
-            "d_model",
-            "n_heads",
-            "n_kv_heads",
-            "n_layers",
-            "mlp_hidden_size",
-            "max_sequence_length",
-            "vocab_size",
-            "embedding_size",
-        ):
-            require_positive_int(name, key, getattr(self, key))
-        require_divides(name, "n_heads", self.n_heads, "d_model", self.d_model)
-        require_divides(name, "n_kv_heads", self.n_kv_heads, "n_heads", self.n_heads)
-        if self.head_dim % 2:
-            raise ConfigError(
-                f"{name} config: d_model / n_heads = {self.head_dim} must be even "
-                "(rotary embeddings rotate pairs of dimensions)"
-            )
+        validate_transformer(
+            self,
+            positive_ints=(
+                "d_model",
+                "n_heads",
+                "n_kv_heads",
+                "n_layers",
+                "mlp_hidden_size",
+                "max_sequence_length",
+                "vocab_size",
+                "embedding_size",
+            ),
+            hidden="d_model",
+            heads="n_heads",
+            kv_heads="n_kv_heads",
+            rope_scaling=rope_scaling,
+        )
         if self.embedding_size < self.vocab_size:
             raise ConfigError(
                 f"{name} config: `embedding_size` ({self.embedding_size}) must be at least "
                 f"`vocab_size` ({self.vocab_size})"
             )
-        require_positive_float(name, "rms_norm_eps", self.rms_norm_eps)
-        require_positive_float(name, "rope_theta", self.rope_theta)
-        validate_rope_scaling(name, rope_scaling)
         supported = {
             "activation_type": ("silu",),
             "block_type": ("llama",),
@@ -175,6 +166,3 @@ class LLaDAConfig(PretrainedConfig):
                     f"(allowed: {', '.join(repr(a) for a in allowed)}; the published LLaDA "
                     "checkpoints use these)"
                 )
-        require_token_id(name, "mask_token_id", self.mask_token_id, self.vocab_size)
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            require_optional_token_id(name, key, getattr(self, key), self.vocab_size)
