@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from vllm_focus.model_executor.configs.common import ConfigError
 from vllm_focus.model_executor.configs.dream import DreamConfig
 from vllm_focus.model_executor.configs.llada import LLaDAConfig
@@ -74,17 +75,20 @@ def test_published_configs_load_through_autoconfig_without_remote_code(tmp_path,
     assert config.rope_parameters == {"rope_theta": published["rope_theta"], "rope_type": "default"}
 
 
-def test_tiny_checkpoints_load_in_vllm_without_trust_remote_code(tiny_dirs):
+@pytest.mark.parametrize("arch, architecture", [("llada", "LLaDAModelLM"), ("dream", "DreamModel")])
+def test_tiny_checkpoints_load_in_vllm_without_trust_remote_code(tiny_dirs, arch, architecture):
     from vllm.engine.arg_utils import EngineArgs
 
     import vllm_focus
 
     vllm_focus.register()
-    config = EngineArgs(model=tiny_dirs["llada"], dtype="float32").create_engine_config()
-    assert config.model_config.architectures == ["LLaDAModelLM"]
+    config = EngineArgs(model=tiny_dirs[arch], dtype="float32").create_engine_config()
+    assert config.model_config.architectures == [architecture]
+    # "DreamModel" ends in "Model", which vLLM would otherwise take for a pooling model.
+    assert config.model_config.runner_type == "generate"
     assert (
         config.model_config.hf_config.mask_token_id
-        == json.loads((Path(tiny_dirs["llada"]) / "config.json").read_text())["mask_token_id"]
+        == json.loads((Path(tiny_dirs[arch]) / "config.json").read_text())["mask_token_id"]
     )
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from vllm_focus.model_executor.models.layout import CheckpointError, check_checkpoint
 
+from vllm_focus.model_executor.models.layout import CheckpointError, check_checkpoint
 from vllm_focus.reference.model import ReferenceModel
 from vllm_focus.testing.harness import Forward, InProcessModel
 

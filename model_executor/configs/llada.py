@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from transformers import PretrainedConfig
+
 from vllm_focus.model_executor.configs.common import (
     ConfigError,
     require_architectures,

@@ -36,6 +36,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
 )
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.sequence import IntermediateTensors
+
 from vllm_focus.model_executor.models.layout import (
     CheckpointError,
     check_checkpoint,
@@ -51,14 +52,6 @@ def rope_parameters(config: Any) -> dict[str, Any]:
     params.setdefault("rope_type", params.pop("type", "default"))
     params["rope_theta"] = config.rope_theta
     return params
-
-
-def attention_backend_for(vllm_config: VllmConfig):
-    """The attention backend class our layers must use, or None for the platform's choice.
-
-    Selection by name only; the Focus backend itself arrives with its own issue.
-    """
-    return None
 
 
 class DiffusionMLP(nn.Module):
@@ -127,7 +120,6 @@ class DiffusionAttention(nn.Module):
             num_kv_heads=self.num_kv_heads,
             cache_config=vllm_config.cache_config,
             prefix=f"{prefix}.attn",
-            attn_backend=attention_backend_for(vllm_config),
         )
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
