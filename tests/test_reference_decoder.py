@@ -5,14 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_focus.reference.decode import (
-    RequestDecoder,
-    dream_step_count,
-    finish,
-    generate,
-    llada_step_counts,
-    select,
-)
+from vllm_focus.policy import dream_step_count, llada_step_counts, select
+from vllm_focus.reference.decode import RequestDecoder, finish, generate
 from vllm_focus.reference.model import KVCache, ReferenceModel
 from vllm_focus.settings import DiffusionSettings, SettingsError
 

@@ -18,110 +18,11 @@ position has no computed left neighbour; its logits are those of the block's ref
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from vllm_focus.policy import dream_step_count, llada_step_counts, propose, select
 from vllm_focus.reference.model import KVCache, ReferenceModel
-from vllm_focus.settings import DREAM_EPS, DecodePlan
-
-_GOLDEN = 0x9E3779B97F4A7C15
-_MIX = 0xBF58476D1CE4E5B9
-
-
-def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
-    """The RNG of one decoding step of one request: a pure function of (seed, step, stream)."""
-    value = (seed * _GOLDEN + step * _MIX + stream * 0x94D049BB133111EB) % (2**63)
-    return torch.Generator().manual_seed(value)
-
-
-def llada_step_counts(num_masked: int, steps: int) -> list[int]:
-    """LLaDA's even split of a block's masks over its steps, remainder to the earliest."""
-    base, remainder = divmod(num_masked, steps)
-    return [base + (1 if i < remainder else 0) for i in range(steps)]
-
-
-def dream_step_count(num_masked: int, step: int, steps: int) -> int:
-    """Dream's time-grid count: int(n·(1 − s/t)) with t, s on linspace(1, eps, steps + 1).
-
-    Computed in float32 torch arithmetic, as Dream does: the truncation is sensitive to it.
-    The last step reveals everything left.
-    """
-    if step >= steps - 1:
-        return num_masked
-    grid = torch.linspace(1, DREAM_EPS, steps + 1)
-    t, s = grid[step], grid[step + 1]
-    return int(torch.tensor(num_masked, dtype=torch.float32) * (1 - s / t))
-
-
-@dataclass
-class Choice:
-    tokens: torch.Tensor  # [n] proposed token per row
-    confidence: torch.Tensor  # [n] float64 score, higher = surer
-
-
-def propose(
-    logits: torch.Tensor,
-    offsets: torch.Tensor,
-    plan: DecodePlan,
-    mask_token_id: int,
-    temperature: float,
-    seed: int | None,
-    step: int,
-) -> Choice:
-    """Token and confidence for each row of `logits` [n, V]; `offsets` are block offsets.
-
-    Noise for block offset j comes from row j of a [block_length, V] draw, so it does not
-    depend on which rows are computed.
-    """
-    logits = logits.double().clone()
-    logits[:, mask_token_id] = float("-inf")  # the mask token is never a prediction
-    if temperature > 0:
-        generator = step_generator(_require_seed(seed), step)
-        uniform = torch.rand(
-            (plan.block_length, logits.shape[1]), generator=generator, dtype=torch.float64
-        )
-        gumbel = -torch.log(-torch.log(uniform[offsets]))
-        tokens = (logits / temperature + gumbel).argmax(-1)
-    else:
-        tokens = logits.argmax(-1)
-    # LLaDA scores the untempered distribution; Dream scores the tempered one it samples from.
-    scale = temperature if (temperature > 0 and plan.schedule == "dream") else 1.0
-    probs = (logits / scale).softmax(-1)
-    return Choice(tokens, _confidence(probs, tokens, offsets, plan, seed, step))
-
-
-def _confidence(probs, tokens, offsets, plan: DecodePlan, seed, step) -> torch.Tensor:
-    kind = plan.confidence
-    if kind in ("low_confidence", "maskgit_plus"):
-        return probs.gather(-1, tokens[:, None]).squeeze(-1)
-    if kind in ("margin", "topk_margin"):
-        top2 = probs.topk(2, dim=-1).values
-        return top2[:, 0] - top2[:, 1]
-    if kind == "entropy":
-        return (probs * torch.log(probs + 1e-10)).sum(-1)
-    generator = step_generator(0 if seed is None else seed, step, stream=1)
-    return torch.rand(plan.block_length, generator=generator, dtype=torch.float64)[offsets]
-
-
-def _require_seed(seed: int | None) -> int:
-    if seed is None:
-        raise ValueError("the reference decoder needs a seed when temperature > 0")
-    return seed
-
-
-def select(confidence: torch.Tensor, count: int | None, threshold: float | None) -> torch.Tensor:
-    """Indices (into the candidate rows) to unmask this step.
-
-    Ties go to the lower index. With a threshold: the best row, plus every row whose
-    confidence is >= threshold.
-    """
-    order = torch.sort(confidence, descending=True, stable=True).indices
-    if threshold is not None:
-        keep = confidence >= threshold
-        keep[order[0]] = True
-        return torch.nonzero(keep).flatten()
-    return order[: min(count, confidence.numel())]
+from vllm_focus.settings import DecodePlan
 
 
 class RequestDecoder:
