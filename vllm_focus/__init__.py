@@ -48,4 +48,15 @@ def register() -> None:
     for arch, target in MODEL_CLASSES.items():
         if arch not in supported:
             ModelRegistry.register_model(arch, target)
+    register_config_hooks()
     _registered = True
+
+
+def register_config_hooks() -> None:
+    """Per-architecture hook that turns on masked-diffusion serving for our models."""
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    from vllm_focus.engine.config_hook import MaskedDiffusionConfig
+
+    for arch in MODEL_CLASSES:
+        MODELS_CONFIG_MAP[arch] = MaskedDiffusionConfig

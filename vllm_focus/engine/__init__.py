@@ -1,0 +1,1 @@
+"""The masked-diffusion engine inside vLLM: config hook, scheduler, worker/runner, decoder."""

@@ -1,0 +1,126 @@
+"""Per-request denoising state inside the engine: one engine step = one denoising step.
+
+Each step is two calls: `query()` names the positions the forward must compute (the engine
+batches them across requests and writes their K/V into the request's paged cache slots), and
+`consume()` takes the logits rows it asked for (`logit_sources()`), unmasks positions and
+returns the finished block's tokens when a block completes. Semantics: DESIGN §3, the same as
+the reference decoder (vllm_focus.reference.decode), which the tests hold this to.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_focus.policy import dream_step_count, llada_step_counts, propose, select
+from vllm_focus.settings import DecodePlan
+
+
+class RequestState:
+    def __init__(
+        self,
+        prompt: list[int],
+        plan: DecodePlan,
+        mask_token_id: int,
+        logits_shift: int,
+        temperature: float,
+        seed: int,
+    ) -> None:
+        self.plan, self.mask, self.shift = plan, mask_token_id, logits_shift
+        self.temperature, self.seed = temperature, seed
+        self.prompt_len = len(prompt)
+        self.x = torch.tensor(prompt + [mask_token_id] * plan.gen_length)
+        self.block = 0  # current block
+        self.block_step = 0  # steps taken in the current block
+        self.step = 0  # steps taken in the request (the RNG counter)
+        self.first_row: torch.Tensor | None = None  # Dream: logits of the block's 1st position
+        self.counts = llada_step_counts(plan.block_length, plan.steps_per_block)
+
+    @property
+    def total_len(self) -> int:
+        return self.x.numel()
+
+    @property
+    def done(self) -> bool:
+        return self.block >= self.plan.num_blocks
+
+    def _block_range(self) -> tuple[int, int]:
+        start = self.prompt_len + self.block * self.plan.block_length
+        return start, start + self.plan.block_length
+
+    def _masked(self) -> torch.Tensor:
+        start, end = self._block_range()
+        return torch.nonzero(self.x[start:end] == self.mask).flatten() + start
+
+    @property
+    def is_refresh(self) -> bool:
+        return self.block_step == 0
+
+    def query(self) -> torch.Tensor:
+        """Positions this step computes (ascending)."""
+        plan, total = self.plan, self.total_len
+        start, end = self._block_range()
+        if plan.cache == "none":
+            return torch.arange(total)
+        if self.is_refresh:
+            first = 0 if (plan.refresh == "block" or self.block == 0) else start - plan.block_length
+            return torch.arange(first, total)
+        return torch.arange(start, end if plan.cache == "dual" else total)
+
+    def logit_sources(self, query: torch.Tensor) -> torch.Tensor:
+        """Positions (within `query`) whose logits this step reads."""
+        start, _ = self._block_range()
+        sources = self._masked() - self.shift
+        if self.is_refresh and self.shift:
+            sources = torch.unique(torch.cat([sources, torch.tensor([start - 1])]))
+        lo, hi = int(query[0]), int(query[-1])
+        return sources[(sources >= lo) & (sources <= hi)]
+
+    def consume(self, sources: torch.Tensor, logits: torch.Tensor) -> list[int]:
+        """Apply one step given the logits rows of `sources`; return a finished block's tokens."""
+        row_of = {int(p): r for r, p in enumerate(sources)}
+        start, end = self._block_range()
+        if self.is_refresh and self.shift:
+            self.first_row = logits[row_of[start - 1]]
+
+        def logits_of(positions: torch.Tensor) -> torch.Tensor:
+            rows = [row_of.get(int(p) - self.shift) for p in positions]
+            return torch.stack([self.first_row if r is None else logits[r] for r in rows])
+
+        plan = self.plan
+        if self.is_refresh and plan.cache != "none" and plan.schedule == "dream":
+            self._commit_first(start, logits_of)
+        else:
+            self._unmask(start, logits_of)
+        self.step += 1
+        self.block_step += 1
+        if self._masked().numel() and (plan.threshold or self.block_step < plan.steps_per_block):
+            return []
+        tokens = self.x[start:end].tolist()
+        self.block += 1
+        self.block_step = 0
+        return tokens
+
+    def _propose(self, positions: torch.Tensor, logits_of, start: int):
+        return propose(logits_of(positions), positions - start, self.plan, self.mask,
+                       self.temperature, self.seed, self.step)  # fmt: skip
+
+    def _unmask(self, start: int, logits_of) -> None:
+        plan, masked = self.plan, self._masked()
+        choice = self._propose(masked, logits_of, start)
+        count = None
+        if plan.threshold is None:
+            if plan.schedule == "llada":
+                count = self.counts[self.block_step]
+            else:
+                count = dream_step_count(masked.numel(), self.block_step, plan.steps_per_block)
+        chosen = select(choice.confidence, count, plan.threshold)
+        self.x[masked[chosen]] = choice.tokens[chosen]
+
+    def _commit_first(self, start: int, logits_of) -> None:
+        """Fast-dLLM's Dream decoder: the block start commits the block's first position."""
+        first = torch.tensor([start])
+        self.x[start] = self._propose(first, logits_of, start).tokens[0]
+        if self.plan.steps_per_block == 1 and not self.plan.threshold:
+            rest = self._masked()
+            if rest.numel():
+                self.x[rest] = self._propose(rest, logits_of, start).tokens

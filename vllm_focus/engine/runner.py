@@ -1,0 +1,164 @@
+"""The denoising step inside vLLM's model runner.
+
+`DiffusionRunnerMixin` is put in front of the platform's V1 runner (GPUModelRunner or
+CPUModelRunner): model loading, KV-cache allocation and attention backends stay vLLM's; only
+`execute_model` is replaced. One engine step runs one denoising step for every scheduled
+request: each request's `RequestState` names the positions to compute, the batch is run as
+one ragged, non-causal forward over the paged KV cache (keys span the whole canvas, so a
+block's queries see the prompt, earlier blocks and the later masks), and the committed block
+tokens, when a block completes, go back to the scheduler as the step's "sampled" tokens.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import torch
+from vllm.forward_context import set_forward_context
+from vllm.v1.attention.backend import CommonAttentionMetadata
+from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
+
+from vllm_focus.engine.decoder import RequestState
+from vllm_focus.engine.settings import resolve_plan, server_settings
+
+
+@dataclass
+class _Slots:
+    """Where a request's canvas lives in the paged KV cache."""
+
+    block_ids: torch.Tensor  # [num_blocks] int32, physical block per logical block
+    block_size: int
+
+    def of(self, positions: torch.Tensor) -> torch.Tensor:
+        blocks = self.block_ids[positions // self.block_size].to(torch.int64)
+        return blocks * self.block_size + positions % self.block_size
+
+
+class DiffusionRunnerMixin:
+    """Replaces `execute_model` of a vLLM V1 model runner with masked-diffusion decoding."""
+
+    def _diffusion_init(self) -> None:
+        if getattr(self, "_diffusion_states", None) is not None:
+            return
+        self._diffusion_states: dict[str, RequestState] = {}
+        self._diffusion_slots: dict[str, _Slots] = {}
+        self._diffusion_settings = server_settings(self.vllm_config)
+        model = self.get_model()
+        self._logits_shift = getattr(type(model), "logits_shift", 0)
+        self._family = model.family
+
+    def _add_diffusion_request(self, new_req) -> None:
+        params = new_req.sampling_params
+        plan = resolve_plan(self._diffusion_settings, self._family, params)
+        seed = params.seed
+        if seed is None:
+            # Same on every tensor-parallel rank: derived from the request id.
+            seed = zlib.crc32(new_req.req_id.encode())
+        config = self.vllm_config.model_config.hf_config
+        self._diffusion_states[new_req.req_id] = RequestState(
+            list(new_req.prompt_token_ids),
+            plan,
+            config.mask_token_id,
+            self._logits_shift,
+            float(params.temperature),
+            seed,
+        )
+        group = self.kv_cache_config.kv_cache_groups[0]
+        self._diffusion_slots[new_req.req_id] = _Slots(
+            torch.tensor(new_req.block_ids[0], dtype=torch.int32), group.kv_cache_spec.block_size
+        )
+
+    def _update_diffusion_requests(self, scheduler_output) -> None:
+        for req_id in scheduler_output.finished_req_ids:
+            self._diffusion_states.pop(req_id, None)
+            self._diffusion_slots.pop(req_id, None)
+        for new_req in scheduler_output.scheduled_new_reqs:
+            self._add_diffusion_request(new_req)
+
+    @torch.inference_mode()
+    def execute_model(self, scheduler_output, intermediate_tensors=None) -> ModelRunnerOutput:
+        self._diffusion_init()
+        self._update_diffusion_requests(scheduler_output)
+        req_ids = [r for r in scheduler_output.num_scheduled_tokens if r in self._diffusion_states]
+        if not req_ids:
+            return EMPTY_MODEL_RUNNER_OUTPUT
+        states = [self._diffusion_states[r] for r in req_ids]
+        queries = [state.query() for state in states]
+        hidden = self._forward(req_ids, states, queries)
+        sampled = self._decode(states, queries, hidden)
+        return ModelRunnerOutput(
+            req_ids=req_ids,
+            req_id_to_index={r: i for i, r in enumerate(req_ids)},
+            sampled_token_ids=sampled,
+        )
+
+    def _forward(self, req_ids, states, queries) -> torch.Tensor:
+        """One ragged non-causal forward; returns hidden states [sum |query|, hidden]."""
+        device = self.device
+        positions = torch.cat(queries)
+        input_ids = torch.cat([s.x[q] for s, q in zip(states, queries)])
+        slots = torch.cat([self._diffusion_slots[r].of(q) for r, q in zip(req_ids, queries)])
+        lengths = torch.tensor([q.numel() for q in queries], dtype=torch.int32)
+        query_start_loc = torch.zeros(len(queries) + 1, dtype=torch.int32)
+        query_start_loc[1:] = torch.cumsum(lengths, 0)
+        seq_lens = torch.tensor([s.total_len for s in states], dtype=torch.int32)
+        tables = [self._diffusion_slots[r].block_ids for r in req_ids]
+        width = max(t.numel() for t in tables)
+        block_table = torch.zeros(len(tables), width, dtype=torch.int32)
+        for row, table in enumerate(tables):
+            block_table[row, : table.numel()] = table
+        num_tokens = positions.numel()
+        common = CommonAttentionMetadata(
+            query_start_loc=query_start_loc.to(device),
+            query_start_loc_cpu=query_start_loc,
+            seq_lens=seq_lens.to(device),
+            num_reqs=len(queries),
+            num_actual_tokens=num_tokens,
+            max_query_len=int(lengths.max()),
+            max_seq_len=int(seq_lens.max()),
+            block_table_tensor=block_table.to(device),
+            slot_mapping=slots.to(device),
+            causal=False,
+            positions=positions.to(device),
+            seq_lens_cpu_upper_bound=seq_lens,
+        )
+        metadata, slot_mappings = {}, {}
+        for group in self._diffusion_attn_groups():
+            built = group.get_metadata_builder().build(0, common)
+            for name in group.layer_names:
+                metadata[name] = built
+                slot_mappings[name] = common.slot_mapping
+        with set_forward_context(
+            metadata, self.vllm_config, num_tokens=num_tokens, slot_mapping=slot_mappings
+        ):
+            return self.model(input_ids=input_ids.to(device), positions=positions.to(device))
+
+    def _diffusion_attn_groups(self):
+        groups = [g for per_kv_group in self.attn_groups for g in per_kv_group]
+        for group in groups:
+            kernel = group.kernel_block_size
+            if kernel is not None and kernel != group.kv_cache_spec.block_size:
+                raise NotImplementedError(
+                    f"attention backend {group.backend.get_name()} splits KV blocks into "
+                    f"kernel blocks of {kernel}; vllm-focus needs them equal to the cache "
+                    f"block size ({group.kv_cache_spec.block_size}); set --block-size {kernel}"
+                )
+        return groups
+
+    def _decode(self, states, queries, hidden) -> list[list[int]]:
+        """Logits for the rows each request reads, then one denoising step per request."""
+        offsets, rows, per_request = 0, [], []
+        for state, query in zip(states, queries):
+            sources = state.logit_sources(query)
+            per_request.append(sources)
+            rows.append(torch.searchsorted(query, sources) + offsets)
+            offsets += query.numel()
+        index = torch.cat(rows).to(hidden.device)
+        logits = self.model.compute_logits(hidden[index]).float().cpu()
+        sampled, start = [], 0
+        for state, sources in zip(states, per_request):
+            count = sources.numel()
+            sampled.append(state.consume(sources, logits[start : start + count]))
+            start += count
+        return sampled
