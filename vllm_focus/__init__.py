@@ -56,7 +56,9 @@ def register_config_hooks() -> None:
     """Per-architecture hook that turns on masked-diffusion serving for our models."""
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
+    from vllm_focus.engine import validation
     from vllm_focus.engine.config_hook import MaskedDiffusionConfig
 
     for arch in MODEL_CLASSES:
         MODELS_CONFIG_MAP[arch] = MaskedDiffusionConfig
+    validation.install()

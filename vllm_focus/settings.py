@@ -23,6 +23,10 @@ DREAM_EPS = 1e-3
 class SettingsError(ValueError):
     """A diffusion setting outside its allowed range; the message names the field."""
 
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
 
 @dataclass(frozen=True)
 class DiffusionSettings:
@@ -49,11 +53,14 @@ class DiffusionSettings:
         if self.threshold is not None:
             value = self.threshold
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-                raise SettingsError(f"`threshold` must be a number in (0, 1], got {value!r}")
+                raise SettingsError(
+                    f"`threshold` must be a number in (0, 1], got {value!r}", "threshold"
+                )
             if self.confidence is not None and self.confidence not in THRESHOLD_KINDS:
                 raise SettingsError(
                     f"`threshold` compares a probability-like confidence; `confidence` must be "
-                    f"one of {list(THRESHOLD_KINDS)} with it, got {self.confidence!r}"
+                    f"one of {list(THRESHOLD_KINDS)} with it, got {self.confidence!r}",
+                    "confidence",
                 )
 
     def updated(self, overrides: dict[str, Any] | None) -> DiffusionSettings:
@@ -64,7 +71,8 @@ class DiffusionSettings:
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise SettingsError(
-                f"unknown diffusion setting(s) {unknown}; known settings: {sorted(known)}"
+                f"unknown diffusion setting(s) {unknown}; known settings: {sorted(known)}",
+                unknown[0],
             )
         return replace(self, **overrides)
 
@@ -80,7 +88,8 @@ class DiffusionSettings:
         if steps % num_blocks:
             raise SettingsError(
                 f"`steps` ({steps}) must be a multiple of the number of blocks ({num_blocks} = "
-                f"generation length {gen} / block_length {block})"
+                f"generation length {gen} / block_length {block})",
+                "steps",
             )
         schedule = self.schedule or ("dream" if family == "dream" else "llada")
         confidence = self.confidence or _default_confidence(schedule, self.threshold)
@@ -125,11 +134,11 @@ def _check_int(name: str, value: Any, low: int, high: int | None) -> None:
         ok = value <= high
     if not ok:
         allowed = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
-        raise SettingsError(f"`{name}` must be {allowed}, got {value!r}")
+        raise SettingsError(f"`{name}` must be {allowed}, got {value!r}", name)
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...], optional: bool = False) -> None:
     if value is None and optional:
         return
     if value not in allowed:
-        raise SettingsError(f"`{name}` must be one of {list(allowed)}, got {value!r}")
+        raise SettingsError(f"`{name}` must be one of {list(allowed)}, got {value!r}", name)
