@@ -29,8 +29,13 @@ def main() -> None:
         from vllm_focus.testing.tiny import write_tiny_checkpoint
 
         model = str(write_tiny_checkpoint(Path(tempfile.gettempdir()) / "tiny-dream", "dream"))
-    llm = LLM(model=model, dtype=args.dtype, enforce_eager=True, max_model_len=2048,
-              kv_cache_memory_bytes=256 << 20)  # fmt: skip
+    llm = LLM(
+        model=model,
+        dtype=args.dtype,
+        enforce_eager=True,
+        max_model_len=2048,
+        kv_cache_memory_bytes=256 << 20,
+    )
     conversations = [
         [{"role": "user", "content": "Summarise the report in one sentence."}],
         [{"role": "user", "content": "What is the value of key gamma?"}],
@@ -41,8 +46,10 @@ def main() -> None:
         for conversation, output in zip(conversations, outputs):
             completion = output.outputs[0]
             print(f"[{settings}] {conversation[0]['content']!r}")
-            print(f"  -> {completion.text!r} ({len(completion.token_ids)} tokens, "
-                  f"finish_reason={completion.finish_reason})")  # fmt: skip
+            print(
+                f"  -> {completion.text!r} ({len(completion.token_ids)} tokens, "
+                f"finish_reason={completion.finish_reason})"
+            )
 
 
 if __name__ == "__main__":

@@ -22,14 +22,25 @@ import urllib.request
 from pathlib import Path
 
 
-def start_server(port: int) -> subprocess.Popen:
+def start_server(port: int, arch: str) -> subprocess.Popen:
     from vllm_focus.testing.tiny import write_tiny_checkpoint
 
-    model = str(write_tiny_checkpoint(Path(tempfile.gettempdir()) / "tiny-dream", "dream"))
+    model = str(write_tiny_checkpoint(Path(tempfile.gettempdir()) / f"tiny-{arch}", arch))
     vllm_cli = Path(sys.executable).parent / "vllm"
-    command = [str(vllm_cli), "serve", model, "--port", str(port), "--dtype", "float32",
-               "--enforce-eager", "--max-model-len", "2048",
-               "--kv-cache-memory-bytes", str(64 << 20)]  # fmt: skip
+    command = [
+        str(vllm_cli),
+        "serve",
+        model,
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        "--max-model-len",
+        "2048",
+        "--kv-cache-memory-bytes",
+        str(64 << 20),
+    ]
     process = subprocess.Popen(command, cwd="/")
     for _ in range(300):
         try:
@@ -47,11 +58,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
     parser.add_argument("--serve", action="store_true", help="start a tiny server first")
+    parser.add_argument(
+        "--arch",
+        default="dream",
+        choices=["dream", "llada"],
+        help="tiny checkpoint to serve with --serve",
+    )
     args = parser.parse_args()
 
     import openai
 
-    server = start_server(8000) if args.serve else None
+    server = start_server(8000, args.arch) if args.serve else None
     try:
         client = openai.OpenAI(base_url=args.base_url, api_key="unused")
         model = client.models.list().data[0].id
@@ -74,8 +91,12 @@ def main() -> None:
                 print("  +", repr(chunk.choices[0].delta.content))
 
         try:
-            client.completions.create(model=model, prompt="hi", max_tokens=8,
-                                      extra_body={"vllm_xargs": {"block_length": 0}})  # fmt: skip
+            client.completions.create(
+                model=model,
+                prompt="hi",
+                max_tokens=8,
+                extra_body={"vllm_xargs": {"block_length": 0}},
+            )
         except openai.BadRequestError as err:
             print("bad setting rejected:", err.status_code, err.body.get("message", err))
     finally:

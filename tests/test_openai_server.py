@@ -39,11 +39,23 @@ def server(tiny_dirs):
     port = _free_port()
     vllm_cli = Path(sys.executable).parent / "vllm"
     command = [
-        str(vllm_cli), "serve", model_dir, "--port", str(port), "--host", "127.0.0.1",
-        "--dtype", "float32", "--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN),
-        "--kv-cache-memory-bytes", str(8 << 20),
-        "--additional-config", json.dumps({"focus_dllm": SERVER_DEFAULTS}),
-    ]  # fmt: skip
+        str(vllm_cli),
+        "serve",
+        model_dir,
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
+        "--kv-cache-memory-bytes",
+        str(8 << 20),
+        "--additional-config",
+        json.dumps({"focus_dllm": SERVER_DEFAULTS}),
+    ]
     log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
     # Run outside the repository so its top-level folders can never shadow packages.
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd="/")
@@ -103,9 +115,12 @@ PROMPT = "The quick brown fox jumps over the lazy dog while the cat sleeps."
 def test_completion_matches_reference(client, server, reference):
     _, model_dir = server
     response = client.completions.create(
-        model=model_dir, prompt=PROMPT, max_tokens=40, temperature=0,
+        model=model_dir,
+        prompt=PROMPT,
+        max_tokens=40,
+        temperature=0,
         extra_body={"return_token_ids": True},
-    )  # fmt: skip
+    )
     choice = response.choices[0]
     prompt_ids, token_ids = choice.prompt_token_ids, choice.token_ids
     want, reason = _expected(reference, prompt_ids, 40)
@@ -119,17 +134,25 @@ def test_per_request_settings_through_vllm_xargs(client, server, reference):
     _, model_dir = server
     xargs = {"cache": "prefix", "block_length": 8, "threshold": 0.5}
     response = client.completions.create(
-        model=model_dir, prompt=PROMPT, max_tokens=24, temperature=0,
+        model=model_dir,
+        prompt=PROMPT,
+        max_tokens=24,
+        temperature=0,
         extra_body={"return_token_ids": True, "vllm_xargs": xargs},
-    )  # fmt: skip
+    )
     choice = response.choices[0]
     assert choice.token_ids == _expected(reference, choice.prompt_token_ids, 24, **xargs)[0]
 
 
 def test_streaming_delivers_committed_blocks(client, server):
     _, model_dir = server
-    kwargs = dict(model=model_dir, prompt=PROMPT, max_tokens=64, temperature=0,
-                  extra_body={"vllm_xargs": {"block_length": 16}})  # fmt: skip
+    kwargs = dict(
+        model=model_dir,
+        prompt=PROMPT,
+        max_tokens=64,
+        temperature=0,
+        extra_body={"vllm_xargs": {"block_length": 16}},
+    )
     whole = client.completions.create(**kwargs).choices[0]
     chunks = list(client.completions.create(stream=True, **kwargs))
     text = "".join(c.choices[0].text for c in chunks if c.choices)
@@ -144,9 +167,12 @@ def test_streaming_delivers_committed_blocks(client, server):
 def test_chat_uses_the_template_and_reports_usage(client, server, reference):
     _, model_dir = server
     response = client.chat.completions.create(
-        model=model_dir, messages=[{"role": "user", "content": "Hello, how are you today?"}],
-        max_tokens=32, temperature=0, extra_body={"return_token_ids": True},
-    )  # fmt: skip
+        model=model_dir,
+        messages=[{"role": "user", "content": "Hello, how are you today?"}],
+        max_tokens=32,
+        temperature=0,
+        extra_body={"return_token_ids": True},
+    )
     choice = response.choices[0]
     prompt_ids = response.prompt_token_ids
     from transformers import AutoTokenizer

@@ -61,8 +61,9 @@ def test_import_is_cheap():
         "heavy = [m for m in ('torch', 'triton', 'vllm', 'transformers') if m in sys.modules]\n"
         "print(','.join(heavy))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd="/")  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/"
+    )
     assert out.stdout.strip() == ""
 
 
@@ -76,8 +77,9 @@ def test_register_twice_is_harmless():
         "print(sorted(a for a in archs if a in ('DreamModel', 'LLaDAModelLM')))\n"
         "import torch; print(torch.cuda.is_initialized())\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd="/")  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/"
+    )
     assert out.stdout.split("\n")[:2] == ["['DreamModel', 'LLaDAModelLM']", "False"]
 
 

@@ -253,8 +253,16 @@ def test_fast_dllm_llada(llada, dual, threshold):
 def test_dream_diffusion_generate(dream, alg, steps):
     adapter = Adapter(dream)
     want = [published_dream(adapter, p, steps, 48, alg) for p in PROMPTS]
-    got = _ours(dream, "dream", 48, gen_length=48, block_length=48, steps=steps, cache="none",
-                confidence=alg)  # fmt: skip
+    got = _ours(
+        dream,
+        "dream",
+        48,
+        gen_length=48,
+        block_length=48,
+        steps=steps,
+        cache="none",
+        confidence=alg,
+    )
     assert got == want
 
 
@@ -267,6 +275,7 @@ def test_fast_dllm_dream(dream, dual, threshold):
         for p in PROMPTS
     ]
     cache = "dual" if dual else "prefix"
-    got = _ours(dream, "dream", 64, gen_length=64, block_length=16, cache=cache,
-                threshold=threshold)  # fmt: skip
+    got = _ours(
+        dream, "dream", 64, gen_length=64, block_length=16, cache=cache, threshold=threshold
+    )
     assert got == want

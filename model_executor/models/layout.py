@@ -75,25 +75,52 @@ _LLADA_RULES = [
     (r"^model\.transformer\.wte\.weight$", "model.embed_tokens.weight", None),
     (r"^model\.transformer\.ln_f\.weight$", "model.norm.weight", None),
     (r"^model\.transformer\.ff_out\.weight$", "lm_head.weight", None),
-    (r"^model\.transformer\.blocks\.(\d+)\.attn_norm\.weight$",
-     r"model.layers.\1.input_layernorm.weight", None),
-    (r"^model\.transformer\.blocks\.(\d+)\.ff_norm\.weight$",
-     r"model.layers.\1.post_attention_layernorm.weight", None),
-    (r"^model\.transformer\.blocks\.(\d+)\.q_proj\.weight$",
-     r"model.layers.\1.self_attn.qkv_proj.weight", "q"),
-    (r"^model\.transformer\.blocks\.(\d+)\.k_proj\.weight$",
-     r"model.layers.\1.self_attn.qkv_proj.weight", "k"),
-    (r"^model\.transformer\.blocks\.(\d+)\.v_proj\.weight$",
-     r"model.layers.\1.self_attn.qkv_proj.weight", "v"),
-    (r"^model\.transformer\.blocks\.(\d+)\.attn_out\.weight$",
-     r"model.layers.\1.self_attn.o_proj.weight", None),
-    (r"^model\.transformer\.blocks\.(\d+)\.ff_proj\.weight$",
-     r"model.layers.\1.mlp.gate_up_proj.weight", 0),
-    (r"^model\.transformer\.blocks\.(\d+)\.up_proj\.weight$",
-     r"model.layers.\1.mlp.gate_up_proj.weight", 1),
-    (r"^model\.transformer\.blocks\.(\d+)\.ff_out\.weight$",
-     r"model.layers.\1.mlp.down_proj.weight", None),
-]  # fmt: skip
+    (
+        r"^model\.transformer\.blocks\.(\d+)\.attn_norm\.weight$",
+        r"model.layers.\1.input_layernorm.weight",
+        None,
+    ),
+    (
+        r"^model\.transformer\.blocks\.(\d+)\.ff_norm\.weight$",
+        r"model.layers.\1.post_attention_layernorm.weight",
+        None,
+    ),
+    (
+        r"^model\.transformer\.blocks\.(\d+)\.q_proj\.weight$",
+        r"model.layers.\1.self_attn.qkv_proj.weight",
+        "q",
+    ),
+    (
+        r"^model\.transformer\.blocks\.(\d+)\.k_proj\.weight$",
+        r"model.layers.\1.self_attn.qkv_proj.weight",
+        "k",
+    ),
+    (
+        r"^model\.transformer\.blocks\.(\d+)\.v_proj\.weight$",
+        r"model.layers.\1.self_attn.qkv_proj.weight",
+        "v",
+    ),
+    (
+        r"^model\.transformer\.blocks\.(\d+)\.attn_out\.weight$",
+        r"model.layers.\1.self_attn.o_proj.weight",
+        None,
+    ),
+    (
+        r"^model\.transformer\.blocks\.(\d+)\.ff_proj\.weight$",
+        r"model.layers.\1.mlp.gate_up_proj.weight",
+        0,
+    ),
+    (
+        r"^model\.transformer\.blocks\.(\d+)\.up_proj\.weight$",
+        r"model.layers.\1.mlp.gate_up_proj.weight",
+        1,
+    ),
+    (
+        r"^model\.transformer\.blocks\.(\d+)\.ff_out\.weight$",
+        r"model.layers.\1.mlp.down_proj.weight",
+        None,
+    ),
+]
 
 _DREAM_RULES = [
     (r"^(model\.layers\.\d+\.self_attn)\.q_proj\.(weight|bias)$", r"\1.qkv_proj.\2", "q"),

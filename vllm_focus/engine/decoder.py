@@ -101,8 +101,15 @@ class RequestState:
         return tokens
 
     def _propose(self, positions: torch.Tensor, logits_of, start: int):
-        return propose(logits_of(positions), positions - start, self.plan, self.mask,
-                       self.temperature, self.seed, self.step)  # fmt: skip
+        return propose(
+            logits_of(positions),
+            positions - start,
+            self.plan,
+            self.mask,
+            self.temperature,
+            self.seed,
+            self.step,
+        )
 
     def _unmask(self, start: int, logits_of) -> None:
         plan, masked = self.plan, self._masked()

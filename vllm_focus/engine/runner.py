@@ -155,7 +155,7 @@ class DiffusionRunnerMixin:
             rows.append(torch.searchsorted(query, sources) + offsets)
             offsets += query.numel()
         index = torch.cat(rows).to(hidden.device)
-        logits = self.model.compute_logits(hidden[index]).float().cpu()
+        logits = self.get_model().compute_logits(hidden[index]).float().cpu()
         sampled, start = [], 0
         for state, sources in zip(states, per_request):
             count = sources.numel()

@@ -28,8 +28,14 @@ from vllm_focus.settings import DecodePlan
 class RequestDecoder:
     """Decodes one request: holds its canvas, step counter and (for caches) its K/V store."""
 
-    def __init__(self, model: ReferenceModel, prompt: list[int], plan: DecodePlan,
-                 temperature: float = 0.0, seed: int | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: ReferenceModel,
+        prompt: list[int],
+        plan: DecodePlan,
+        temperature: float = 0.0,
+        seed: int | None = None,
+    ) -> None:
         if not prompt:
             raise ValueError("the prompt must hold at least one token")
         self.model, self.plan = model, plan
@@ -67,8 +73,15 @@ class RequestDecoder:
                 i += 1
                 continue
             masked = self._masked(start, end)
-            choice = propose(logits_of(masked), masked - start, plan, self.mask,
-                             self.temperature, self.seed, self.step)  # fmt: skip
+            choice = propose(
+                logits_of(masked),
+                masked - start,
+                plan,
+                self.mask,
+                self.temperature,
+                self.seed,
+                self.step,
+            )
             count = None
             if plan.threshold is None:
                 if plan.schedule == "llada":
@@ -82,14 +95,28 @@ class RequestDecoder:
 
     def _commit_first(self, start: int, logits_of) -> None:
         first = torch.tensor([start])
-        choice = propose(logits_of(first), first - start, self.plan, self.mask,
-                         self.temperature, self.seed, self.step)  # fmt: skip
+        choice = propose(
+            logits_of(first),
+            first - start,
+            self.plan,
+            self.mask,
+            self.temperature,
+            self.seed,
+            self.step,
+        )
         self.x[start] = choice.tokens[0]
         if self.plan.steps_per_block == 1 and not self.plan.threshold:
             rest = self._masked(start, start + self.plan.block_length)
             if rest.numel():
-                choice = propose(logits_of(rest), rest - start, self.plan, self.mask,
-                                 self.temperature, self.seed, self.step)  # fmt: skip
+                choice = propose(
+                    logits_of(rest),
+                    rest - start,
+                    self.plan,
+                    self.mask,
+                    self.temperature,
+                    self.seed,
+                    self.step,
+                )
                 self.x[rest] = choice.tokens
 
     def _forward(self, block: int, refresh: bool):

@@ -33,8 +33,9 @@ def _free_port() -> int:
 class InProcessModel:
     """A vLLM model built and loaded in this process (tensor-parallel size 1)."""
 
-    def __init__(self, model_dir: str, max_model_len: int = 2048, block_size: int = 32,
-                 **engine_kwargs) -> None:  # fmt: skip
+    def __init__(
+        self, model_dir: str, max_model_len: int = 2048, block_size: int = 32, **engine_kwargs
+    ) -> None:
         from vllm.config import set_current_vllm_config
         from vllm.distributed import (
             ensure_model_parallel_initialized,
@@ -48,9 +49,14 @@ class InProcessModel:
             # The CPU worker's own stand-ins for torch.cuda/accelerator calls.
             import vllm.v1.worker.cpu.shm  # noqa: F401
 
-        args = EngineArgs(model=model_dir, dtype="float32", enforce_eager=True,
-                          max_model_len=max_model_len, block_size=block_size,
-                          **engine_kwargs)  # fmt: skip
+        args = EngineArgs(
+            model=model_dir,
+            dtype="float32",
+            enforce_eager=True,
+            max_model_len=max_model_len,
+            block_size=block_size,
+            **engine_kwargs,
+        )
         self.vllm_config = args.create_engine_config()
         self.block_size = block_size
         with set_current_vllm_config(self.vllm_config):

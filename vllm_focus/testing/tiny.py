@@ -45,14 +45,17 @@ class TinyShape:
 
 PRESETS: dict[str, TinyShape] = {
     # head_dim 32 everywhere: vLLM's CPU attention supports head sizes from 32 up.
-    "dream": TinyShape("dream", hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-                       intermediate_size=256),
+    "dream": TinyShape(
+        "dream", hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=256
+    ),
     # Dream-7B's GQA ratio is 7; a ratio that is not a power of two exercises the same paths.
-    "dream-gqa3": TinyShape("dream", hidden_size=192, num_layers=2, num_heads=6, num_kv_heads=2,
-                            intermediate_size=256),
-    "llada": TinyShape("llada", hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=4,
-                       intermediate_size=256),
-}  # fmt: skip
+    "dream-gqa3": TinyShape(
+        "dream", hidden_size=192, num_layers=2, num_heads=6, num_kv_heads=2, intermediate_size=256
+    ),
+    "llada": TinyShape(
+        "llada", hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=256
+    ),
+}
 
 
 def _specials(shape: TinyShape) -> SpecialTokens:
