@@ -34,9 +34,13 @@ class MaskedDiffusionScheduler(Scheduler):
         try:
             plan = resolve_plan(self.diffusion_settings, self.family, request.sampling_params)
         except SettingsError as err:
-            # Validated in the API process already; this guards direct engine use.
+            # The API process validates requests already (engine/validation.py); a request
+            # that still gets here fails alone, through vLLM's per-request error path, and the
+            # engine keeps serving the others.
             logger.error("request %s rejected: %s", request.request_id, err)
-            raise
+            super().add_request(request)
+            self.grammar_compile_error_reqs.add(request.request_id)
+            return
         self.canvas_length[request.request_id] = plan.gen_length
         super().add_request(request)
 
@@ -66,6 +70,8 @@ class MaskedDiffusionScheduler(Scheduler):
         budget = self.max_num_scheduled_tokens - sum(num_scheduled.values())
         while self.waiting and len(self.running) < self.max_num_running_reqs:
             request = self.waiting.peek_request()
+            if request.request_id not in self.canvas_length:
+                break  # rejected in add_request; finished by update_from_output this step
             prompt_len = request.num_prompt_tokens
             if admitted and prompt_len > budget:
                 break
