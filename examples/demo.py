@@ -14,7 +14,6 @@ cost of each cache mode. Focus attention (`--attention-backend focus`) is the ne
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ def run_family(arch: str, args) -> None:
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
-    from vllm_focus.reference.decode import finish, generate
+    from vllm_focus.reference.decode import served_outputs
     from vllm_focus.reference.model import ReferenceModel
     from vllm_focus.settings import DiffusionSettings
     from vllm_focus.testing.tiny import write_tiny_checkpoint
@@ -55,7 +54,6 @@ def run_family(arch: str, args) -> None:
         seed=0,
     )
     reference = ReferenceModel(path)
-    eos = set(json.loads((Path(path) / "generation_config.json").read_text())["eos_token_id"])
     rows = []
     for cache, refresh in tqdm(MODES, desc=f"{arch}: cache modes"):
         settings = {"cache": cache, "refresh": refresh, "gen_length": args.max_tokens}
@@ -64,8 +62,9 @@ def run_family(arch: str, args) -> None:
         output = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
         seconds = time.perf_counter() - start
         tokens = list(output.outputs[0].token_ids)
-        plan = DiffusionSettings(**settings).plan(reference.config.family, args.max_tokens)
-        want = finish(generate(reference, [prompt], plan)[0], eos, args.max_tokens)[0]
+        want = served_outputs(
+            reference, [prompt], DiffusionSettings(**settings), [args.max_tokens]
+        )[0]
         rows.append((cache, refresh, seconds, tokens, tokens == want, output.outputs[0].text))
     llm.llm_engine.engine_core.shutdown()
     for cache, refresh, seconds, tokens, exact, text in rows:

@@ -203,3 +203,26 @@ def test_bad_config_fails_vllm_startup_with_the_key(tiny_dirs, tmp_path):
     with pytest.raises(Exception) as info:
         EngineArgs(model=str(bad), dtype="float32").create_engine_config()
     assert "`num_key_value_heads` (3) must divide `num_attention_heads` (4)" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"cache": "full"}, "`cache` must be one of ['none', 'prefix', 'dual']"),
+        ({"block_length": -1}, "`block_length` must be an integer in [1, 4096]"),
+        ({"blocklen": 8}, "unknown diffusion setting(s) ['blocklen']"),
+    ],
+)
+def test_bad_server_settings_fail_at_startup(tiny_dirs, settings, message):
+    from vllm.engine.arg_utils import EngineArgs
+
+    import vllm_focus
+
+    vllm_focus.register()
+    args = EngineArgs(
+        model=tiny_dirs["llada"], dtype="float32", additional_config={"focus_dllm": settings}
+    )
+    with pytest.raises(Exception) as info:
+        args.create_engine_config()
+    assert message in str(info.value)
+    assert "additional_config['focus_dllm']" in str(info.value)

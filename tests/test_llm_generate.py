@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_focus.reference.decode import finish, generate
+from vllm_focus.reference.decode import served_outputs
 from vllm_focus.reference.model import ReferenceModel
 from vllm_focus.settings import DiffusionSettings
 
@@ -44,9 +44,7 @@ def engine(request, tiny_dirs):
         kv_cache_memory_bytes=kv_tokens * _bytes_per_token(model_dir),
         seed=0,
     )
-    reference = ReferenceModel(model_dir)
-    eos = set(json.loads((Path(model_dir) / "generation_config.json").read_text())["eos_token_id"])
-    yield llm, reference, eos
+    yield llm, ReferenceModel(model_dir)
     llm.llm_engine.engine_core.shutdown()
 
 
@@ -55,11 +53,10 @@ def _prompts(reference: ReferenceModel) -> list[list[int]]:
     return [[(7 * i + 3 * n) % vocab for i in range(n)] for n in PROMPT_LENGTHS]
 
 
-def _expected(reference, eos, prompts, settings, temperature, seed, max_tokens):
-    family = reference.config.family
-    plans = [DiffusionSettings(**settings).plan(family, m) for m in max_tokens]
-    tokens = generate(reference, prompts, plans, temperature=temperature, seeds=seed)
-    return [finish(t, eos, m)[0] for t, m in zip(tokens, max_tokens)]
+def _expected(reference, prompts, settings, temperature, seed, max_tokens):
+    return served_outputs(
+        reference, prompts, DiffusionSettings(**settings), max_tokens, temperature, seed
+    )
 
 
 def _generate(llm, prompts, settings, temperature, seed, max_tokens):
@@ -85,11 +82,11 @@ MODES = [
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: "-".join(m.values()))
 @pytest.mark.parametrize("temperature, seed", [(0.0, None), (0.7, 1234)], ids=["greedy", "seeded"])
 def test_generate_matches_reference(engine, mode, temperature, seed):
-    llm, reference, eos = engine
+    llm, reference = engine
     prompts = _prompts(reference)
     settings = {"gen_length": 64, "block_length": 16, **mode}
     got = _generate(llm, prompts, settings, temperature, seed, MAX_TOKENS)
-    assert got == _expected(reference, eos, prompts, settings, temperature, seed, MAX_TOKENS)
+    assert got == _expected(reference, prompts, settings, temperature, seed, MAX_TOKENS)
 
 
 @pytest.mark.parametrize(
@@ -103,12 +100,12 @@ def test_generate_matches_reference(engine, mode, temperature, seed):
     ids=["threshold", "dream-schedule", "llada-margin", "random-half-steps"],
 )
 def test_schedules_and_confidences_match_reference(engine, extra):
-    llm, reference, eos = engine
+    llm, reference = engine
     prompts = _prompts(reference)[:3]
     settings = {"gen_length": 64, "block_length": 16, "cache": "dual", **extra}
     max_tokens = [64, 64, 30]
     got = _generate(llm, prompts, settings, 0.0, 5, max_tokens)
-    assert got == _expected(reference, eos, prompts, settings, 0.0, 5, max_tokens)
+    assert got == _expected(reference, prompts, settings, 0.0, 5, max_tokens)
 
 
 def _step(core, outputs: dict[str, list[int]], num_outputs: int) -> None:
@@ -131,7 +128,7 @@ def test_requests_joining_and_leaving_mid_flight(engine):
     """Staggered arrivals: each output still equals its solo reference decode."""
     from vllm import SamplingParams
 
-    llm, reference, eos = engine
+    llm, reference = engine
     prompts = _prompts(reference)
     settings = {"gen_length": 64, "block_length": 16, "cache": "dual"}
     params = [
@@ -144,7 +141,7 @@ def test_requests_joining_and_leaving_mid_flight(engine):
         _step(core, outputs, index)  # later requests join while earlier ones decode
     _run(core, outputs)
     got = [outputs[f"stagger-{i}"] for i in range(len(prompts))]
-    assert got == _expected(reference, eos, prompts, settings, 0.0, None, MAX_TOKENS)
+    assert got == _expected(reference, prompts, settings, 0.0, None, MAX_TOKENS)
 
 
 def test_abort_frees_kv_blocks(engine):
@@ -152,7 +149,7 @@ def test_abort_frees_kv_blocks(engine):
     aborted mid-generation (its blocks freed)."""
     from vllm import SamplingParams
 
-    llm, reference, eos = engine
+    llm, reference = engine
     long_prompt = _prompts(reference)[-1] + _prompts(reference)[3]  # 430 tokens
     settings = {"gen_length": 64, "block_length": 16, "cache": "dual"}
     param = SamplingParams(temperature=0.0, max_tokens=64, extra_args=settings)
@@ -165,6 +162,27 @@ def test_abort_frees_kv_blocks(engine):
     core.abort_request(["long-a"])
     _run(core, outputs)
     assert "long-a" not in outputs
+    assert outputs["long-b"] == _expected(reference, [long_prompt], settings, 0.0, None, [64])[0]
+
+
+@pytest.mark.parametrize(
+    "extra, field",
+    [({"block_length": 0}, "block_length"), ({"threshold": 1.5}, "threshold"), ({"x": 1}, "x")],
+)
+def test_bad_request_settings_raise_before_the_engine(engine, extra, field):
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+
+    llm, reference = engine
+    params = SamplingParams(temperature=0.0, max_tokens=16, extra_args=extra)
+    with pytest.raises(VLLMValidationError) as info:
+        llm.generate([{"prompt_token_ids": [5, 6, 7]}], params, use_tqdm=False)
+    assert info.value.parameter == field
+    # The engine still serves.
+    settings = {"gen_length": 16, "block_length": 16}
+    good = SamplingParams(temperature=0.0, max_tokens=16, extra_args=settings)
+    got = llm.generate([{"prompt_token_ids": [5, 6, 7]}], good, use_tqdm=False)
     assert (
-        outputs["long-b"] == _expected(reference, eos, [long_prompt], settings, 0.0, None, [64])[0]
+        list(got[0].outputs[0].token_ids)
+        == _expected(reference, [[5, 6, 7]], settings, 0.0, None, [16])[0]
     )

@@ -99,12 +99,11 @@ def client(server):
 @pytest.fixture(scope="module")
 def reference(server):
     _, model_dir = server
-    eos = set(json.loads((Path(model_dir) / "generation_config.json").read_text())["eos_token_id"])
-    return ReferenceModel(model_dir), eos
+    return ReferenceModel(model_dir)
 
 
 def _expected(reference, prompt_ids, max_tokens, **overrides):
-    model, eos = reference
+    model, eos = reference, reference.eos_token_ids
     plan = DiffusionSettings(**{**SERVER_DEFAULTS, **overrides}).plan("dream", max_tokens)
     return finish(generate(model, [prompt_ids], plan)[0], eos, max_tokens)
 

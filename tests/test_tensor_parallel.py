@@ -6,13 +6,11 @@ logits are all-gathered, so both ranks take the same unmask decisions.
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 import pytest
 
-from vllm_focus.reference.decode import finish, generate
+from vllm_focus.reference.decode import served_outputs
 from vllm_focus.reference.model import ReferenceModel
 from vllm_focus.settings import DiffusionSettings
 
@@ -50,11 +48,11 @@ def test_two_ranks_match_reference(engine, cache, temperature, seed):
 
     llm, model_dir = engine
     reference = ReferenceModel(model_dir)
-    eos = set(json.loads((Path(model_dir) / "generation_config.json").read_text())["eos_token_id"])
     prompts = [list(range(10, 60)), [5], list(range(200, 20, -1))]
     settings = {"gen_length": 64, "block_length": 16, "cache": cache}
     params = SamplingParams(temperature=temperature, seed=seed, max_tokens=64, extra_args=settings)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    plan = DiffusionSettings(**settings).plan("dream", 64)
-    want = generate(reference, prompts, plan, temperature=temperature, seeds=seed)
-    assert [list(o.outputs[0].token_ids) for o in outputs] == [finish(w, eos, 64)[0] for w in want]
+    want = served_outputs(
+        reference, prompts, DiffusionSettings(**settings), [64] * 3, temperature, seed
+    )
+    assert [list(o.outputs[0].token_ids) for o in outputs] == want

@@ -22,7 +22,7 @@ import torch
 
 from vllm_focus.policy import dream_step_count, llada_step_counts, propose, select
 from vllm_focus.reference.model import KVCache, ReferenceModel
-from vllm_focus.settings import DecodePlan
+from vllm_focus.settings import DecodePlan, DiffusionSettings
 
 
 class RequestDecoder:
@@ -183,3 +183,17 @@ def finish(tokens: list[int], eos_ids: set[int], max_tokens: int) -> tuple[list[
         if token in eos_ids:
             return tokens[: index + 1], "stop"
     return tokens[:max_tokens], "length"
+
+
+def served_outputs(
+    model: ReferenceModel,
+    prompts: list[list[int]],
+    settings: DiffusionSettings,
+    max_tokens: list[int],
+    temperature: float = 0.0,
+    seed: int | None = None,
+) -> list[list[int]]:
+    """The tokens a server returns for each prompt: the decode cut at EOS or max_tokens."""
+    plans = [settings.plan(model.config.family, m) for m in max_tokens]
+    tokens = generate(model, prompts, plans, temperature=temperature, seeds=seed)
+    return [finish(t, model.eos_token_ids, m)[0] for t, m in zip(tokens, max_tokens)]

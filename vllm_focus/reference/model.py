@@ -125,7 +125,9 @@ class KVCache:
 class ReferenceModel:
     def __init__(self, model_dir: str | Path, dtype: torch.dtype = torch.float32) -> None:
         model_dir = Path(model_dir)
-        self.config = ReferenceConfig.from_json(json.loads((model_dir / "config.json").read_text()))
+        raw_config = json.loads((model_dir / "config.json").read_text())
+        self.config = ReferenceConfig.from_json(raw_config)
+        self.eos_token_ids = _eos_token_ids(model_dir, raw_config)
         tensors = {k: v.to(dtype) for k, v in _read_safetensors(model_dir).items()}
         names = _DREAM_NAMES if self.config.family == "dream" else _LLADA_NAMES
         self.layers = [
@@ -207,6 +209,15 @@ class ReferenceModel:
             [torch.zeros(shape, dtype=self.dtype) for _ in range(cfg.num_layers)],
             [torch.zeros(shape, dtype=self.dtype) for _ in range(cfg.num_layers)],
         )
+
+
+def _eos_token_ids(model_dir: Path, raw_config: dict) -> set[int]:
+    """The ids that end an output, as vLLM reads them (generation_config.json first)."""
+    generation = model_dir / "generation_config.json"
+    eos = json.loads(generation.read_text()).get("eos_token_id") if generation.exists() else None
+    if eos is None:
+        eos = raw_config.get("eos_token_id")
+    return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
