@@ -1,0 +1,36 @@
+"""Plain-torch twins of the Triton kernels: same arguments, float32, loops allowed.
+
+They are the test oracles for the kernels and the CPU path where Triton does not run.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def sparse_paged_attention_ref(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    query_req: torch.Tensor,
+    key_positions: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Twin of kernels.sparse_attention.sparse_paged_attention (shapes documented there)."""
+    num_heads = q.shape[1]
+    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    group = num_heads // num_kv_heads
+    result = torch.empty_like(q) if out is None else out
+    for token in range(q.shape[0]):
+        req = int(query_req[token])
+        positions = key_positions[cu_seqlens_k[req] : cu_seqlens_k[req + 1]].long()
+        blocks = block_table[req, positions // block_size].long()
+        rows = positions % block_size
+        keys = key_cache[blocks, rows].float().repeat_interleave(group, dim=1)  # [n, H, D]
+        values = value_cache[blocks, rows].float().repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,nhd->hn", q[token].float(), keys) * scale
+        result[token] = torch.einsum("hn,nhd->hd", scores.softmax(-1), values).to(q.dtype)
+    return result
