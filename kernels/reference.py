@@ -34,3 +34,32 @@ def sparse_paged_attention_ref(
         scores = torch.einsum("hd,nhd->hn", q[token].float(), keys) * scale
         result[token] = torch.einsum("hn,nhd->hd", scores.softmax(-1), values).to(q.dtype)
     return result
+
+
+def prompt_block_scores_ref(
+    q: torch.Tensor,
+    query_req: torch.Tensor,
+    key_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    prompt_lens: torch.Tensor,
+    prompt_block_size: int,
+    scale: float,
+) -> torch.Tensor:
+    """Twin of kernels.block_scores.prompt_block_scores (shapes documented there)."""
+    num_heads = q.shape[1]
+    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    group = num_heads // num_kv_heads
+    num_reqs = prompt_lens.shape[0]
+    max_blocks = max(1, -(-int(prompt_lens.max()) // prompt_block_size)) if num_reqs else 0
+    scores = torch.full((num_reqs, max_blocks), float("-inf"))
+    for req in range(num_reqs):
+        queries = q[query_req.long() == req].float()  # [t, H, D]
+        length = int(prompt_lens[req])
+        for block in range(-(-length // prompt_block_size)):
+            positions = torch.arange(block * prompt_block_size,
+                                     min((block + 1) * prompt_block_size, length))  # fmt: skip
+            keys = key_cache[block_table[req, positions // block_size].long(),
+                             positions % block_size].float()  # fmt: skip
+            representative = keys.mean(0).repeat_interleave(group, dim=0)  # [H, D]
+            scores[req, block] = (queries * representative).sum() * scale
+    return scores
