@@ -63,3 +63,31 @@ def prompt_block_scores_ref(
             representative = keys.mean(0).repeat_interleave(group, dim=0)  # [H, D]
             scores[req, block] = (queries * representative).sum() * scale
     return scores
+
+
+def sink_scores_ref(
+    q: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    key_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    prompt_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Twin of kernels.sink_scores.sink_scores (shapes documented there)."""
+    num_heads = q.shape[1]
+    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    group = num_heads // num_kv_heads
+    num_reqs = seq_lens.shape[0]
+    max_prompt = int(prompt_lens.max()) if num_reqs else 0
+    scores = torch.full((num_reqs, max_prompt), float("-inf"))
+    for req in range(num_reqs):
+        queries = q[cu_seqlens_q[req] : cu_seqlens_q[req + 1]].float()  # [t, H, D]
+        positions = torch.arange(int(seq_lens[req]))
+        keys = key_cache[block_table[req, positions // block_size].long(),
+                         positions % block_size].float()  # fmt: skip
+        keys = keys.repeat_interleave(group, dim=1)  # [n, H, D]
+        probs = (torch.einsum("thd,nhd->thn", queries, keys) * scale).softmax(-1)
+        length = int(prompt_lens[req])
+        scores[req, :length] = probs.sum((0, 1))[:length]
+    return scores
