@@ -11,6 +11,19 @@ import pytest
 os.environ.setdefault("VLLM_CACHE_ROOT", tempfile.mkdtemp(prefix="vllm-focus-cache-"))
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# Without a GPU the kernel tests run Triton's interpreter. Triton fixes that mode for its own
+# standard library when it is first imported (vLLM imports it early), so it is set here,
+# before any test module loads. vLLM's CPU platform does not use Triton either way.
+if not _has_cuda():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory) -> dict[str, str]:
     """Tiny checkpoints by preset name: dream (GQA 2), dream-gqa3 (GQA 3), llada (MHA)."""

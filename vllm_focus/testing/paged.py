@@ -6,7 +6,6 @@ against their torch twins on these random, shuffled paged layouts.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
 
@@ -16,33 +15,16 @@ HEAD_DIM = 32
 BLOCK_SIZE = 16
 
 
-@contextlib.contextmanager
-def _interpreter_on_cpu():
-    """TRITON_INTERPRET=1 while kernels are defined and launched, where no GPU compiles them;
-    restored afterwards so engine processes started by later tests do not inherit it."""
-    saved = os.environ.get("TRITON_INTERPRET")
-    if not torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
-
-
 def interpreted(module_name: str, function_name: str):
-    """The kernel launcher `function_name` of kernels/<module_name>.py, run interpreted on CPU."""
-    with _interpreter_on_cpu():
-        module = importlib.import_module(f"vllm_focus.kernels.{module_name}")
-        kernel = getattr(importlib.reload(module), function_name)
+    """The launcher `function_name` of kernels/<module_name>.py.
 
-    def launch(*args, **kwargs):
-        with _interpreter_on_cpu():
-            return kernel(*args, **kwargs)
-
-    return launch
+    Without a GPU it runs in Triton's interpreter, which needs TRITON_INTERPRET=1 in the
+    environment before Triton is first imported (tests/conftest.py sets it).
+    """
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("set TRITON_INTERPRET=1 before importing triton to run kernels on CPU")
+    module = importlib.import_module(f"vllm_focus.kernels.{module_name}")
+    return getattr(module, function_name)
 
 
 def rel_rms(got: torch.Tensor, want: torch.Tensor) -> float:
