@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_focus.kernels.paged import check_heads, check_int32, load_rows, physical_blocks
+
 
 @triton.jit
 def _prompt_block_scores_kernel(
@@ -44,11 +46,21 @@ def _prompt_block_scores_kernel(
         for tile in range(start, end, BLOCK_N):
             pos = tile + tl.arange(0, BLOCK_N)
             m_n = pos < end
-            p_blk = BLOCK_TABLE + i_r * stride_tr + (pos // CACHE_BLOCK) * stride_tb
-            blk = tl.load(p_blk, mask=m_n, other=0).to(tl.int64)
-            p_k = K_CACHE + blk[:, None] * stride_kb + (pos % CACHE_BLOCK)[:, None] * stride_kn
-            p_k = p_k + i_kvh * stride_kh + o_d[None, :] * stride_kd
-            b_k = tl.load(p_k, mask=m_n[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+            blk = physical_blocks(BLOCK_TABLE, i_r, pos, m_n, stride_tr, stride_tb, CACHE_BLOCK)
+            b_k = load_rows(
+                K_CACHE,
+                blk,
+                pos,
+                m_n,
+                i_kvh,
+                o_d,
+                m_d,
+                stride_kb,
+                stride_kn,
+                stride_kh,
+                stride_kd,
+                CACHE_BLOCK,
+            )
             b_sum += tl.sum(b_k, 0)
         b_rep = b_sum / (end - start).to(tl.float32)
         p_q = Q_SUM + i_r * stride_qr + i_kvh * stride_qh + o_d * stride_qd
@@ -77,14 +89,10 @@ def prompt_block_scores(
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = key_cache.shape[2]
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    check_heads(num_heads, num_kv_heads)
     if prompt_block_size < 1:
         raise ValueError(f"prompt_block_size must be >= 1, got {prompt_block_size}")
-    for name, t in (("query_req", query_req), ("block_table", block_table),
-                    ("prompt_lens", prompt_lens)):  # fmt: skip
-        if t.dtype != torch.int32:
-            raise ValueError(f"{name} must be int32, got {t.dtype}")
+    check_int32(query_req=query_req, block_table=block_table, prompt_lens=prompt_lens)
     num_reqs = prompt_lens.shape[0]
     # The score is linear in q: sum the queries of each request and KV group first.
     grouped = q.float().view(num_tokens, num_kv_heads, num_heads // num_kv_heads, head_dim)

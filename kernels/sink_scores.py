@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_focus.kernels.paged import check_heads, check_int32, load_rows, physical_blocks
+
 
 @triton.jit
 def _row_lse_kernel(
@@ -42,11 +44,21 @@ def _row_lse_kernel(
     for start in range(0, seq_len, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
         m_n = pos < seq_len
-        p_blk = BLOCK_TABLE + i_req * stride_tr + (pos // CACHE_BLOCK) * stride_tb
-        blk = tl.load(p_blk, mask=m_n, other=0).to(tl.int64)
-        p_k = K_CACHE + blk[:, None] * stride_kb + (pos % CACHE_BLOCK)[:, None] * stride_kn
-        p_k = p_k + i_kvh * stride_kh + o_d[None, :] * stride_kd
-        b_k = tl.load(p_k, mask=m_n[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+        blk = physical_blocks(BLOCK_TABLE, i_req, pos, m_n, stride_tr, stride_tb, CACHE_BLOCK)
+        b_k = load_rows(
+            K_CACHE,
+            blk,
+            pos,
+            m_n,
+            i_kvh,
+            o_d,
+            m_d,
+            stride_kb,
+            stride_kn,
+            stride_kh,
+            stride_kd,
+            CACHE_BLOCK,
+        )
         b_s = tl.dot(b_q, tl.trans(b_k)) * scale
         b_s = tl.where(m_n[None, :], b_s, float("-inf"))
         b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
@@ -81,13 +93,23 @@ def _sink_scores_kernel(
     o_d = tl.arange(0, BLOCK_D)
     m_g = o_g < GROUP
     m_d = o_d < HEAD_DIM
-    p_blk = BLOCK_TABLE + i_r * stride_tr + (pos // CACHE_BLOCK) * stride_tb
-    blk = tl.load(p_blk, mask=m_n, other=0).to(tl.int64)
+    blk = physical_blocks(BLOCK_TABLE, i_r, pos, m_n, stride_tr, stride_tb, CACHE_BLOCK)
     b_acc = tl.zeros([BLOCK_N], tl.float32)
     for i_kvh in range(NUM_KV_HEADS):
-        p_k = K_CACHE + blk[:, None] * stride_kb + (pos % CACHE_BLOCK)[:, None] * stride_kn
-        p_k = p_k + i_kvh * stride_kh + o_d[None, :] * stride_kd
-        b_k = tl.load(p_k, mask=m_n[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+        b_k = load_rows(
+            K_CACHE,
+            blk,
+            pos,
+            m_n,
+            i_kvh,
+            o_d,
+            m_d,
+            stride_kb,
+            stride_kn,
+            stride_kh,
+            stride_kd,
+            CACHE_BLOCK,
+        )
         heads = i_kvh * GROUP + o_g
         for i_t in range(q_start, q_end):
             p_q = Q + i_t * stride_qt + heads[:, None] * stride_qh + o_d[None, :] * stride_qd
@@ -122,12 +144,13 @@ def sink_scores(
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = key_cache.shape[2]
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
-    for name, t in (("cu_seqlens_q", cu_seqlens_q), ("block_table", block_table),
-                    ("seq_lens", seq_lens), ("prompt_lens", prompt_lens)):  # fmt: skip
-        if t.dtype != torch.int32:
-            raise ValueError(f"{name} must be int32, got {t.dtype}")
+    check_heads(num_heads, num_kv_heads)
+    check_int32(
+        cu_seqlens_q=cu_seqlens_q,
+        block_table=block_table,
+        seq_lens=seq_lens,
+        prompt_lens=prompt_lens,
+    )
     num_reqs = seq_lens.shape[0]
     group = num_heads // num_kv_heads
     block_g = max(16, triton.next_power_of_2(group))

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_focus.kernels.paged import check_heads, check_int32, load_rows, physical_blocks
+
 
 @triton.jit
 def _sparse_paged_attention_kernel(
@@ -49,13 +51,21 @@ def _sparse_paged_attention_kernel(
         m_n = o_n < k_end
         # Key positions -> physical cache rows through the request's block table.
         pos = tl.load(KEY_POS + o_n, mask=m_n, other=0).to(tl.int64)
-        p_blk = BLOCK_TABLE + i_req * stride_tr + (pos // CACHE_BLOCK) * stride_tb
-        blk = tl.load(p_blk, mask=m_n, other=0).to(tl.int64)
-        row = pos % CACHE_BLOCK
-        m_kv = m_n[:, None] & m_d[None, :]
-        p_k = K_CACHE + blk[:, None] * stride_kb + row[:, None] * stride_kn
-        p_k = p_k + i_kvh * stride_kh + o_d[None, :] * stride_kd
-        b_k = tl.load(p_k, mask=m_kv, other=0.0).to(tl.float32)
+        blk = physical_blocks(BLOCK_TABLE, i_req, pos, m_n, stride_tr, stride_tb, CACHE_BLOCK)
+        b_k = load_rows(
+            K_CACHE,
+            blk,
+            pos,
+            m_n,
+            i_kvh,
+            o_d,
+            m_d,
+            stride_kb,
+            stride_kn,
+            stride_kh,
+            stride_kd,
+            CACHE_BLOCK,
+        )
         b_s = tl.dot(b_q, tl.trans(b_k)) * scale
         b_s = tl.where(m_n[None, :], b_s, float("-inf"))
         # Online softmax: rescale what was accumulated to the new running maximum.
@@ -63,9 +73,20 @@ def _sparse_paged_attention_kernel(
         b_alpha = tl.exp(b_m - b_m_new)
         b_p = tl.exp(b_s - b_m_new[:, None])
         b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        p_v = V_CACHE + blk[:, None] * stride_vb + row[:, None] * stride_vn
-        p_v = p_v + i_kvh * stride_vh + o_d[None, :] * stride_vd
-        b_v = tl.load(p_v, mask=m_kv, other=0.0).to(tl.float32)
+        b_v = load_rows(
+            V_CACHE,
+            blk,
+            pos,
+            m_n,
+            i_kvh,
+            o_d,
+            m_d,
+            stride_vb,
+            stride_vn,
+            stride_vh,
+            stride_vd,
+            CACHE_BLOCK,
+        )
         b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p, b_v)
         b_m = b_m_new
 
@@ -105,14 +126,15 @@ def sparse_paged_attention(
         )
     if cache_dim != head_dim:
         raise ValueError(f"head_dim of q ({head_dim}) and of the cache ({cache_dim}) differ")
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    check_heads(num_heads, num_kv_heads)
     if query_req.shape != (num_tokens,) or cu_seqlens_k.dim() != 1:
         raise ValueError("query_req must be [num_tokens] and cu_seqlens_k one-dimensional")
-    for name, t in (("block_table", block_table), ("query_req", query_req),
-                    ("key_positions", key_positions), ("cu_seqlens_k", cu_seqlens_k)):  # fmt: skip
-        if t.dtype != torch.int32:
-            raise ValueError(f"{name} must be int32, got {t.dtype}")
+    check_int32(
+        block_table=block_table,
+        query_req=query_req,
+        key_positions=key_positions,
+        cu_seqlens_k=cu_seqlens_k,
+    )
     if out is None:
         out = torch.empty_like(q)
     if num_tokens == 0:
