@@ -110,3 +110,44 @@ def select(confidence: torch.Tensor, count: int | None, threshold: float | None)
         keep[order[0]] = True
         return torch.nonzero(keep).flatten()
     return order[: min(count, confidence.numel())]
+
+
+@dataclass
+class FocusStep:
+    """The positions of one Focus step of one request (DESIGN §3, "Focus attention")."""
+
+    focus: torch.Tensor  # F: masked positions predicted to unmask, ascending
+    candidates: torch.Tensor  # masked positions of the current block inside A, ascending
+    query: torch.Tensor  # positions the forward computes: A, plus the shift's p - 1, ascending
+
+
+def focus_step(
+    indicator: torch.Tensor,
+    masked: torch.Tensor,
+    start: int,
+    count: int | None,
+    threshold: float | None,
+    window: int,
+    total: int,
+    shift: int,
+    tail_from: int | None = None,
+) -> FocusStep:
+    """F from the past-confidence indicator, then A = windows around F, clipped to [0, total).
+
+    indicator: [block_length] float64, per block offset the confidence from the last step that
+    computed it; masked: the current block's masked positions; count: tokens this step unmasks
+    (None with a threshold). F holds max(count, 1) positions (or those >= threshold, at least
+    one), so a step that unmasks nothing still computes something. Decoding then picks among
+    the candidates with fresh logits; a candidate p's logits come from p - shift, which joins
+    the query. `tail_from`: also compute every position from there on (`prefix` cache mode).
+    """
+    wanted = None if count is None else max(count, 1)
+    focus = masked[select(indicator[masked - start], wanted, threshold)].sort().values
+    offsets = torch.arange(-window, window + 1)
+    active = (focus[:, None] + offsets[None, :]).flatten()
+    active = torch.unique(active[(active >= 0) & (active < total)])
+    candidates = masked[torch.isin(masked, active)]
+    parts = [active, candidates - shift]
+    if tail_from is not None:
+        parts.append(torch.arange(tail_from, total))
+    return FocusStep(focus, candidates, torch.unique(torch.cat(parts)))

@@ -7,6 +7,7 @@ meaning of every field.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -40,6 +41,14 @@ class DiffusionSettings:
     threshold: float | None = None
     cache: str = "dual"
     refresh: str = "block"
+    # Focus attention (used when the server runs `--attention-backend focus`; DESIGN §3).
+    window: int = 1
+    dense_layers: int = 2
+    num_sinks: int = 16
+    prompt_block_size: int = 64
+    keep_ratio: float = 0.1
+    min_keep_tokens: int = 256
+    min_prompt_len: int = 1024
 
     def __post_init__(self) -> None:
         _check_int("gen_length", self.gen_length, 1, None)
@@ -50,6 +59,17 @@ class DiffusionSettings:
         _check_choice("confidence", self.confidence, CONFIDENCE_KINDS, optional=True)
         _check_choice("cache", self.cache, CACHE_MODES)
         _check_choice("refresh", self.refresh, REFRESH_POLICIES)
+        _check_int("window", self.window, 0, MAX_BLOCK_LENGTH)
+        _check_int("dense_layers", self.dense_layers, 1, None)
+        _check_int("num_sinks", self.num_sinks, 0, None)
+        _check_int("prompt_block_size", self.prompt_block_size, 1, MAX_BLOCK_LENGTH)
+        _check_int("min_keep_tokens", self.min_keep_tokens, 0, None)
+        _check_int("min_prompt_len", self.min_prompt_len, 0, None)
+        ratio = self.keep_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+            raise SettingsError(
+                f"`keep_ratio` must be a number in (0, 1], got {ratio!r}", "keep_ratio"
+            )
         if self.threshold is not None:
             value = self.threshold
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
@@ -76,8 +96,11 @@ class DiffusionSettings:
             )
         return replace(self, **overrides)
 
-    def plan(self, family: str, max_tokens: int) -> DecodePlan:
-        """Resolve the model defaults and the canvas size for one request."""
+    def plan(self, family: str, max_tokens: int, focus: bool = False) -> DecodePlan:
+        """Resolve the model defaults and the canvas size for one request.
+
+        `focus`: whether the server runs Focus attention; the plan then carries its knobs.
+        """
         if family not in ("dream", "llada"):
             raise SettingsError(f"unknown model family {family!r}")
         _check_int("max_tokens", max_tokens, 1, None)
@@ -103,7 +126,45 @@ class DiffusionSettings:
             threshold=None if self.threshold is None else float(self.threshold),
             cache=self.cache,
             refresh=self.refresh,
+            focus=self.focus_plan() if focus else None,
         )
+
+    def focus_plan(self) -> FocusPlan:
+        return FocusPlan(
+            window=self.window,
+            dense_layers=self.dense_layers,
+            num_sinks=self.num_sinks,
+            prompt_block_size=self.prompt_block_size,
+            keep_ratio=float(self.keep_ratio),
+            min_keep_tokens=self.min_keep_tokens,
+            min_prompt_len=self.min_prompt_len,
+        )
+
+
+@dataclass(frozen=True)
+class FocusPlan:
+    """Focus attention's knobs for one request (DESIGN §3, "Focus attention")."""
+
+    window: int
+    dense_layers: int
+    num_sinks: int
+    prompt_block_size: int
+    keep_ratio: float
+    min_keep_tokens: int
+    min_prompt_len: int
+
+    def applies(self, prompt_len: int, cache: str) -> bool:
+        """Focus runs on the within-block steps of a cached mode, for long enough prompts."""
+        return cache != "none" and prompt_len >= self.min_prompt_len
+
+    def prompt_blocks(self, prompt_len: int) -> int:
+        return -(-prompt_len // self.prompt_block_size)
+
+    def kept_blocks(self, prompt_len: int) -> int:
+        """Prompt blocks the sparse layers keep: keep_ratio of the prompt, at least
+        min_keep_tokens, rounded up to whole blocks, at most all of them."""
+        budget = max(math.ceil(self.keep_ratio * prompt_len), self.min_keep_tokens)
+        return min(self.prompt_blocks(prompt_len), -(-budget // self.prompt_block_size))
 
 
 @dataclass(frozen=True)
@@ -119,6 +180,7 @@ class DecodePlan:
     threshold: float | None
     cache: str
     refresh: str
+    focus: FocusPlan | None = None
 
 
 def _default_confidence(schedule: str, threshold: float | None) -> str:

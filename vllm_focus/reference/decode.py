@@ -20,8 +20,15 @@ from __future__ import annotations
 
 import torch
 
-from vllm_focus.policy import dream_step_count, llada_step_counts, propose, select
-from vllm_focus.reference.model import KVCache, ReferenceModel
+from vllm_focus.policy import (
+    FocusStep,
+    dream_step_count,
+    focus_step,
+    llada_step_counts,
+    propose,
+    select,
+)
+from vllm_focus.reference.model import FocusForward, KVCache, ReferenceModel
 from vllm_focus.settings import DecodePlan, DiffusionSettings
 
 
@@ -63,33 +70,53 @@ class RequestDecoder:
         plan = self.plan
         start, end = self._block_range(block)
         counts = llada_step_counts(plan.block_length, plan.steps_per_block)
+        focus = plan.focus
+        if focus is not None and not focus.applies(self.prompt_len, plan.cache):
+            focus = None
+        # Past-confidence indicator: per block offset, the confidence last computed there.
+        indicator = torch.full((plan.block_length,), float("-inf"), dtype=torch.float64)
         i = 0
         while self._masked(start, end).numel() and (plan.threshold or i < plan.steps_per_block):
-            logits_of = self._forward(block, refresh=(i == 0))
-            if i == 0 and plan.cache != "none" and plan.schedule == "dream":
-                # Fast-dLLM's Dream decoder commits the block's first position at block start.
-                self._commit_first(start, logits_of)
-                self.step += 1
-                i += 1
-                continue
             masked = self._masked(start, end)
-            choice = propose(
-                logits_of(masked),
-                masked - start,
-                plan,
-                self.mask,
-                self.temperature,
-                self.seed,
-                self.step,
-            )
             count = None
             if plan.threshold is None:
                 if plan.schedule == "llada":
                     count = counts[i]
                 else:
                     count = dream_step_count(masked.numel(), i, plan.steps_per_block)
-            chosen = select(choice.confidence, count, plan.threshold)
-            self.x[masked[chosen]] = choice.tokens[chosen]
+            candidates = masked
+            if focus is not None and i > 0:
+                step = focus_step(
+                    indicator,
+                    masked,
+                    start,
+                    count,
+                    plan.threshold,
+                    focus.window,
+                    self.x.numel(),
+                    self.model.logits_shift,
+                    tail_from=end if plan.cache == "prefix" else None,
+                )
+                candidates = step.candidates
+                logits_of = self._forward_focus(block, step)
+            else:
+                logits_of = self._forward(block, refresh=(i == 0))
+            choice = propose(
+                logits_of(candidates),
+                candidates - start,
+                plan,
+                self.mask,
+                self.temperature,
+                self.seed,
+                self.step,
+            )
+            indicator[candidates - start] = choice.confidence
+            if i == 0 and plan.cache != "none" and plan.schedule == "dream":
+                # Fast-dLLM's Dream decoder commits the block's first position at block start.
+                self._commit_first(start, logits_of)
+            else:
+                chosen = select(choice.confidence, count, plan.threshold)
+                self.x[candidates[chosen]] = choice.tokens[chosen]
             self.step += 1
             i += 1
 
@@ -137,10 +164,35 @@ class RequestDecoder:
                 self.cache = self.model.empty_cache(total)
             written = query if refresh else query[(query >= start) & (query < end)]
             self.cache.write(written, _rows(fresh, query, written))
+        if refresh and self.model.logits_shift:
+            self.first_row = logits[int(torch.searchsorted(query, start - 1))]
+        return self._logits_of(query, logits)
+
+    def _forward_focus(self, block: int, step: FocusStep):
+        """A Focus step's forward over the active set; the cache keeps the K/V of query
+        positions outside the range the cache mode recomputes (the block for `dual`, the
+        block and what follows for `prefix`), and takes back only the block's."""
+        plan, total, focus = self.plan, self.x.numel(), self.plan.focus
+        start, end = self._block_range(block)
+        query = step.query
+        fresh = (query >= start) & (query < (end if plan.cache == "dual" else total))
+        spec = FocusForward(
+            prompt_len=self.prompt_len,
+            focus_rows=torch.searchsorted(query, step.focus),
+            fresh=fresh,
+            dense_layers=focus.dense_layers,
+            num_sinks=focus.num_sinks,
+            prompt_block_size=focus.prompt_block_size,
+            kept_blocks=focus.kept_blocks(self.prompt_len),
+        )
+        logits, kv = self.model.forward(self.x, query, self.cache, spec)
+        written = query[fresh & (query < end)]
+        self.cache.write(written, _rows(kv, query, written))
+        return self._logits_of(query, logits)
+
+    def _logits_of(self, query: torch.Tensor, logits: torch.Tensor):
         row_of = {int(p): r for r, p in enumerate(query)}
         shift = self.model.logits_shift
-        if refresh and shift:
-            self.first_row = logits[row_of[start - 1]]
 
         def logits_of(positions: torch.Tensor) -> torch.Tensor:
             rows = []
@@ -192,8 +244,12 @@ def served_outputs(
     max_tokens: list[int],
     temperature: float = 0.0,
     seed: int | None = None,
+    focus: bool = False,
 ) -> list[list[int]]:
-    """The tokens a server returns for each prompt: the decode cut at EOS or max_tokens."""
-    plans = [settings.plan(model.config.family, m) for m in max_tokens]
+    """The tokens a server returns for each prompt: the decode cut at EOS or max_tokens.
+
+    `focus`: the server runs Focus attention (`--attention-backend focus`).
+    """
+    plans = [settings.plan(model.config.family, m, focus=focus) for m in max_tokens]
     tokens = generate(model, prompts, plans, temperature=temperature, seeds=seed)
     return [finish(t, model.eos_token_ids, m)[0] for t, m in zip(tokens, max_tokens)]

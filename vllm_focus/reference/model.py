@@ -122,6 +122,19 @@ class KVCache:
             self.values[layer][positions] = v
 
 
+@dataclass
+class FocusForward:
+    """What a Focus step's forward needs beyond the query (DESIGN §3, "Focus attention")."""
+
+    prompt_len: int
+    focus_rows: torch.Tensor  # rows of the query holding F
+    fresh: torch.Tensor  # bool per query row: its fresh K/V replace the cache's this step
+    dense_layers: int
+    num_sinks: int
+    prompt_block_size: int
+    kept_blocks: int
+
+
 class ReferenceModel:
     def __init__(self, model_dir: str | Path, dtype: torch.dtype = torch.float32) -> None:
         model_dir = Path(model_dir)
@@ -165,12 +178,18 @@ class ReferenceModel:
         return x * cos + rotated * sin
 
     def forward(
-        self, ids: torch.Tensor, query: torch.Tensor | None = None, cache: KVCache | None = None
+        self,
+        ids: torch.Tensor,
+        query: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        focus: FocusForward | None = None,
     ) -> tuple[torch.Tensor, KVCache]:
         """Logits [Q, vocab] of the `query` positions of `ids` [T], and their fresh K/V.
 
         Keys/values of positions outside `query` are read from `cache` (required unless the
-        query covers every position). Every query attends to every key (no mask).
+        query covers every position). Every query attends to every key (no mask), unless
+        `focus` is given: then only rows marked fresh replace cached K/V, and layers from
+        `dense_layers` on attend to the kept prompt blocks, the sinks and the response.
         """
         total = ids.shape[0]
         query = torch.arange(total) if query is None else query
@@ -180,6 +199,7 @@ class ReferenceModel:
         heads, kv_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         h = self.embed[ids[query]]
         fresh = KVCache([], [])
+        sinks = torch.empty(0, dtype=torch.long)
         for n, layer in enumerate(self.layers):
             x = self._rms_norm(h, layer["attn_norm"])
             q = _linear(x, layer["wq"], layer.get("bq")).view(-1, heads, d)
@@ -192,8 +212,15 @@ class ReferenceModel:
                 keys, values = k, v
             else:
                 keys, values = cache.keys[n].clone(), cache.values[n].clone()
-                keys[query], values[query] = k, v
-            attn = _attention(q, keys, values)
+                own = query if focus is None else query[focus.fresh]
+                rows = slice(None) if focus is None else focus.fresh
+                keys[own], values[own] = k[rows], v[rows]
+            allowed = None
+            if focus is not None and n >= focus.dense_layers:
+                allowed = _focus_keys(q, keys, focus, sinks, total)
+            attn, probs = _attention(q, keys, values, allowed)
+            if focus is not None and n == focus.dense_layers - 1:
+                sinks = _sinks(probs, focus)
             h = h + _linear(attn.reshape(-1, heads * d), layer["wo"])
             x = self._rms_norm(h, layer["mlp_norm"])
             gate = torch.nn.functional.silu(_linear(x, layer["w_gate"]))
@@ -225,10 +252,50 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     return out if bias is None else out + bias
 
 
-def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Full softmax attention; q [Q, H, D], keys/values [T, Hkv, D] -> [Q, H, D]."""
+def _attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention over every key, or the `allowed` ones (bool [T]).
+
+    q [Q, H, D], keys/values [T, Hkv, D] -> output [Q, H, D] and probabilities [H, Q, T].
+    """
     group = q.shape[1] // keys.shape[1]
     keys = keys.repeat_interleave(group, dim=1)
     values = values.repeat_interleave(group, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q, keys) / math.sqrt(q.shape[-1])
-    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), values)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = scores.softmax(-1)
+    return torch.einsum("hqk,khd->qhd", probs, values), probs
+
+
+def _top(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the `count` highest scores; ties go to the lower index."""
+    return torch.sort(scores, descending=True, stable=True).indices[:count]
+
+
+def _sinks(probs: torch.Tensor, focus: FocusForward) -> torch.Tensor:
+    """The prompt keys receiving the most attention mass from the step's queries."""
+    mass = probs[:, :, : focus.prompt_len].sum((0, 1))
+    return _top(mass, focus.num_sinks)
+
+
+def _focus_keys(
+    q: torch.Tensor, keys: torch.Tensor, focus: FocusForward, sinks: torch.Tensor, total: int
+) -> torch.Tensor:
+    """Keys a sparse layer attends: the top prompt blocks by F's scores against each block's
+    mean key, the sinks, and every response position. Returns bool [T]."""
+    size, length = focus.prompt_block_size, focus.prompt_len
+    group = q.shape[1] // keys.shape[1]
+    queries = q[focus.focus_rows]  # [F, H, D]
+    scores = []
+    for block in range(-(-length // size)):
+        representative = keys[block * size : min((block + 1) * size, length)].mean(0)
+        representative = representative.repeat_interleave(group, dim=0)  # [H, D]
+        scores.append((queries * representative).sum() / math.sqrt(q.shape[-1]))
+    allowed = torch.zeros(total, dtype=torch.bool)
+    for block in _top(torch.stack(scores), focus.kept_blocks).tolist():
+        allowed[block * size : min((block + 1) * size, length)] = True
+    allowed[sinks] = True
+    allowed[length:] = True
+    return allowed
