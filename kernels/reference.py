@@ -8,6 +8,13 @@ from __future__ import annotations
 import torch
 
 
+def _gather(cache: torch.Tensor, block_table: torch.Tensor, req: int, positions: torch.Tensor):
+    """Rows [n, num_kv_heads, head_dim] (float32) of one request's positions in a paged cache."""
+    block_size = cache.shape[1]
+    blocks = block_table[req, positions // block_size].long()
+    return cache[blocks, positions % block_size].float()
+
+
 def sparse_paged_attention_ref(
     q: torch.Tensor,
     key_cache: torch.Tensor,
@@ -18,21 +25,23 @@ def sparse_paged_attention_ref(
     cu_seqlens_k: torch.Tensor,
     scale: float,
     out: torch.Tensor | None = None,
+    query_chunk: int = 512,
 ) -> torch.Tensor:
-    """Twin of kernels.sparse_attention.sparse_paged_attention (shapes documented there)."""
-    num_heads = q.shape[1]
-    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
-    group = num_heads // num_kv_heads
+    """Twin of kernels.sparse_attention.sparse_paged_attention (shapes documented there).
+
+    One request at a time, its query tokens in chunks of `query_chunk` (to bound memory).
+    """
+    group = q.shape[1] // key_cache.shape[2]
     result = torch.empty_like(q) if out is None else out
-    for token in range(q.shape[0]):
-        req = int(query_req[token])
+    for req in torch.unique(query_req).tolist():
+        tokens = torch.nonzero(query_req == req).flatten()
         positions = key_positions[cu_seqlens_k[req] : cu_seqlens_k[req + 1]].long()
-        blocks = block_table[req, positions // block_size].long()
-        rows = positions % block_size
-        keys = key_cache[blocks, rows].float().repeat_interleave(group, dim=1)  # [n, H, D]
-        values = value_cache[blocks, rows].float().repeat_interleave(group, dim=1)
-        scores = torch.einsum("hd,nhd->hn", q[token].float(), keys) * scale
-        result[token] = torch.einsum("hn,nhd->hd", scores.softmax(-1), values).to(q.dtype)
+        keys = _gather(key_cache, block_table, req, positions).repeat_interleave(group, dim=1)
+        values = _gather(value_cache, block_table, req, positions).repeat_interleave(group, 1)
+        for chunk in tokens.split(query_chunk):
+            scores = torch.einsum("thd,nhd->thn", q[chunk].float(), keys) * scale
+            attended = torch.einsum("thn,nhd->thd", scores.softmax(-1), values)
+            result[chunk] = attended.to(result.dtype)
     return result
 
 
@@ -46,22 +55,24 @@ def prompt_block_scores_ref(
     scale: float,
 ) -> torch.Tensor:
     """Twin of kernels.block_scores.prompt_block_scores (shapes documented there)."""
-    num_heads = q.shape[1]
-    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    num_heads, num_kv_heads = q.shape[1], key_cache.shape[2]
     group = num_heads // num_kv_heads
     num_reqs = prompt_lens.shape[0]
     max_blocks = max(1, -(-int(prompt_lens.max()) // prompt_block_size)) if num_reqs else 0
-    scores = torch.full((num_reqs, max_blocks), float("-inf"))
+    scores = torch.full((num_reqs, max_blocks), float("-inf"), device=q.device)
     for req in range(num_reqs):
         queries = q[query_req.long() == req].float()  # [t, H, D]
         length = int(prompt_lens[req])
-        for block in range(-(-length // prompt_block_size)):
-            positions = torch.arange(block * prompt_block_size,
-                                     min((block + 1) * prompt_block_size, length))  # fmt: skip
-            keys = key_cache[block_table[req, positions // block_size].long(),
-                             positions % block_size].float()  # fmt: skip
-            representative = keys.mean(0).repeat_interleave(group, dim=0)  # [H, D]
-            scores[req, block] = (queries * representative).sum() * scale
+        if length == 0:
+            continue
+        keys = _gather(key_cache, block_table, req, torch.arange(length, device=q.device))
+        block_of = torch.arange(length, device=q.device) // prompt_block_size
+        num_blocks = int(block_of[-1]) + 1
+        sums = torch.zeros(num_blocks, num_kv_heads, keys.shape[-1], device=q.device)
+        sums.index_add_(0, block_of, keys)
+        counts = torch.bincount(block_of, minlength=num_blocks).float()
+        representative = (sums / counts[:, None, None]).repeat_interleave(group, dim=1)
+        scores[req, :num_blocks] = torch.einsum("thd,bhd->b", queries, representative) * scale
     return scores
 
 
@@ -75,19 +86,18 @@ def sink_scores_ref(
     scale: float,
 ) -> torch.Tensor:
     """Twin of kernels.sink_scores.sink_scores (shapes documented there)."""
-    num_heads = q.shape[1]
-    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
-    group = num_heads // num_kv_heads
+    group = q.shape[1] // key_cache.shape[2]
     num_reqs = seq_lens.shape[0]
     max_prompt = int(prompt_lens.max()) if num_reqs else 0
-    scores = torch.full((num_reqs, max_prompt), float("-inf"))
+    scores = torch.full((num_reqs, max_prompt), float("-inf"), device=q.device)
     for req in range(num_reqs):
         queries = q[cu_seqlens_q[req] : cu_seqlens_q[req + 1]].float()  # [t, H, D]
-        positions = torch.arange(int(seq_lens[req]))
-        keys = key_cache[block_table[req, positions // block_size].long(),
-                         positions % block_size].float()  # fmt: skip
-        keys = keys.repeat_interleave(group, dim=1)  # [n, H, D]
-        probs = (torch.einsum("thd,nhd->thn", queries, keys) * scale).softmax(-1)
         length = int(prompt_lens[req])
+        if queries.shape[0] == 0:
+            scores[req, :length] = 0.0  # no query puts mass anywhere
+            continue
+        positions = torch.arange(int(seq_lens[req]), device=q.device)
+        keys = _gather(key_cache, block_table, req, positions).repeat_interleave(group, dim=1)
+        probs = (torch.einsum("thd,nhd->thn", queries, keys) * scale).softmax(-1)
         scores[req, :length] = probs.sum((0, 1))[:length]
     return scores

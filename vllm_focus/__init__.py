@@ -49,7 +49,30 @@ def register() -> None:
         if arch not in supported:
             ModelRegistry.register_model(arch, target)
     register_config_hooks()
+    register_attention_backend()
     _registered = True
+
+
+FOCUS_BACKEND = "vllm_focus.engine.focus_attention.FocusAttentionBackend"
+
+
+def register_attention_backend() -> None:
+    """The FOCUS backend in vLLM's CUSTOM slot, plus `FOCUS` as an alias of that member.
+
+    An alias, not a new enum member: the selected member is pickled into engine and worker
+    processes by value, and a member added at run time does not exist there yet when the
+    config is unpickled; CUSTOM always does.
+    """
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    custom = AttentionBackendEnum.CUSTOM
+    if custom.is_overridden() and custom.get_path() != FOCUS_BACKEND:
+        raise RuntimeError(
+            f"vLLM's CUSTOM attention backend slot already holds {custom.get_path()}; "
+            "vllm-focus registers its FOCUS backend there"
+        )
+    register_backend(custom, FOCUS_BACKEND)
+    AttentionBackendEnum._member_map_.setdefault("FOCUS", custom)
 
 
 def register_config_hooks() -> None:

@@ -37,6 +37,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.sequence import IntermediateTensors
 
+from vllm_focus.engine.focus_attention import FocusAttentionBackend, focus_selected
 from vllm_focus.model_executor.models.layout import (
     CheckpointError,
     check_checkpoint,
@@ -113,6 +114,8 @@ class DiffusionAttention(nn.Module):
             max_position=config.max_position_embeddings,
             rope_parameters=rope_parameters(config),
         )
+        # The CPU platform ignores --attention-backend; the layer is told directly.
+        backend = FocusAttentionBackend if focus_selected(vllm_config) else None
         self.attn = Attention(
             self.num_heads,
             self.head_dim,
@@ -120,6 +123,7 @@ class DiffusionAttention(nn.Module):
             num_kv_heads=self.num_kv_heads,
             cache_config=vllm_config.cache_config,
             prefix=f"{prefix}.attn",
+            attn_backend=backend,
         )
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,14 @@ from __future__ import annotations
 
 import torch
 
-from vllm_focus.policy import dream_step_count, llada_step_counts, propose, select
+from vllm_focus.policy import (
+    FocusStep,
+    dream_step_count,
+    focus_step,
+    llada_step_counts,
+    propose,
+    select,
+)
 from vllm_focus.settings import DecodePlan
 
 
@@ -34,6 +41,11 @@ class RequestState:
         self.step = 0  # steps taken in the request (the RNG counter)
         self.first_row: torch.Tensor | None = None  # Dream: logits of the block's 1st position
         self.counts = llada_step_counts(plan.block_length, plan.steps_per_block)
+        focus = plan.focus
+        self.focus = focus if focus and focus.applies(self.prompt_len, plan.cache) else None
+        # Past-confidence indicator (Focus): per block offset, the last confidence computed.
+        self.indicator = torch.full((plan.block_length,), float("-inf"), dtype=torch.float64)
+        self.focus_step: FocusStep | None = None  # this step's F, candidates and query
 
     @property
     def total_len(self) -> int:
@@ -55,25 +67,60 @@ class RequestState:
     def is_refresh(self) -> bool:
         return self.block_step == 0
 
+    def _count(self, masked: torch.Tensor) -> int | None:
+        """Tokens this step unmasks (None: decided by the threshold)."""
+        plan = self.plan
+        if plan.threshold is not None:
+            return None
+        if plan.schedule == "llada":
+            return self.counts[self.block_step]
+        return dream_step_count(masked.numel(), self.block_step, plan.steps_per_block)
+
     def query(self) -> torch.Tensor:
         """Positions this step computes (ascending)."""
         plan, total = self.plan, self.total_len
         start, end = self._block_range()
+        self.focus_step = None
         if plan.cache == "none":
             return torch.arange(total)
         if self.is_refresh:
             first = 0 if (plan.refresh == "block" or self.block == 0) else start - plan.block_length
             return torch.arange(first, total)
+        if self.focus is not None:
+            masked = self._masked()
+            self.focus_step = focus_step(
+                self.indicator,
+                masked,
+                start,
+                self._count(masked),
+                plan.threshold,
+                self.focus.window,
+                total,
+                self.shift,
+                tail_from=end if plan.cache == "prefix" else None,
+            )
+            return self.focus_step.query
         return torch.arange(start, end if plan.cache == "dual" else total)
+
+    def fresh(self, query: torch.Tensor) -> torch.Tensor:
+        """Bool per query position: its fresh K/V go to the cache (and into this step's
+        attention). A Focus step leaves the K/V of positions outside the range its cache
+        mode recomputes to the cache."""
+        if self.focus_step is None:
+            return torch.ones(query.numel(), dtype=torch.bool)
+        start, end = self._block_range()
+        return (query >= start) & (query < (end if self.plan.cache == "dual" else self.total_len))
+
+    def _candidates(self) -> torch.Tensor:
+        return self._masked() if self.focus_step is None else self.focus_step.candidates
 
     def logit_sources(self, query: torch.Tensor) -> torch.Tensor:
         """Positions (within `query`) whose logits this step reads."""
         start, _ = self._block_range()
-        sources = self._masked() - self.shift
+        sources = self._candidates() - self.shift
         if self.is_refresh and self.shift:
             sources = torch.unique(torch.cat([sources, torch.tensor([start - 1])]))
-        lo, hi = int(query[0]), int(query[-1])
-        return sources[(sources >= lo) & (sources <= hi)]
+        return sources[torch.isin(sources, query)]
 
     def consume(self, sources: torch.Tensor, logits: torch.Tensor) -> list[int]:
         """Apply one step given the logits rows of `sources`; return a finished block's tokens."""
@@ -88,16 +135,21 @@ class RequestState:
 
         plan = self.plan
         if self.is_refresh and plan.cache != "none" and plan.schedule == "dream":
+            if self.focus is not None:  # the indicator needs every masked position's score
+                masked = self._masked()
+                self.indicator[masked - start] = self._propose(masked, logits_of, start).confidence
             self._commit_first(start, logits_of)
         else:
             self._unmask(start, logits_of)
         self.step += 1
         self.block_step += 1
+        self.focus_step = None
         if self._masked().numel() and (plan.threshold or self.block_step < plan.steps_per_block):
             return []
         tokens = self.x[start:end].tolist()
         self.block += 1
         self.block_step = 0
+        self.indicator.fill_(float("-inf"))
         return tokens
 
     def _propose(self, positions: torch.Tensor, logits_of, start: int):
@@ -112,16 +164,14 @@ class RequestState:
         )
 
     def _unmask(self, start: int, logits_of) -> None:
-        plan, masked = self.plan, self._masked()
-        choice = self._propose(masked, logits_of, start)
-        count = None
-        if plan.threshold is None:
-            if plan.schedule == "llada":
-                count = self.counts[self.block_step]
-            else:
-                count = dream_step_count(masked.numel(), self.block_step, plan.steps_per_block)
-        chosen = select(choice.confidence, count, plan.threshold)
-        self.x[masked[chosen]] = choice.tokens[chosen]
+        """Unmask this step's share among the candidates (the block's masked positions, or
+        those in a Focus step's active set), by their fresh confidences."""
+        count = self._count(self._masked())
+        candidates = self._candidates()
+        choice = self._propose(candidates, logits_of, start)
+        self.indicator[candidates - start] = choice.confidence
+        chosen = select(choice.confidence, count, self.plan.threshold)
+        self.x[candidates[chosen]] = choice.tokens[chosen]
 
     def _commit_first(self, start: int, logits_of) -> None:
         """Fast-dLLM's Dream decoder: the block start commits the block's first position."""

@@ -20,6 +20,7 @@ from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 
 from vllm_focus.engine.decoder import RequestState
+from vllm_focus.engine.focus_attention import FocusBatch, FocusMetadata, focus_selected
 from vllm_focus.engine.settings import resolve_plan, server_settings
 
 
@@ -47,10 +48,11 @@ class DiffusionRunnerMixin:
         model = self.get_model()
         self._logits_shift = getattr(type(model), "logits_shift", 0)
         self._family = model.family
+        self._focus = focus_selected(self.vllm_config)
 
     def _add_diffusion_request(self, new_req) -> None:
         params = new_req.sampling_params
-        plan = resolve_plan(self._diffusion_settings, self._family, params)
+        plan = resolve_plan(self._diffusion_settings, self._family, params, focus=self._focus)
         seed = params.seed
         if seed is None:
             # Same on every tensor-parallel rank: derived from the request id.
@@ -98,7 +100,11 @@ class DiffusionRunnerMixin:
         device = self.device
         positions = torch.cat(queries)
         input_ids = torch.cat([s.x[q] for s, q in zip(states, queries)])
-        slots = torch.cat([self._diffusion_slots[r].of(q) for r, q in zip(req_ids, queries)])
+        slots = []
+        for req_id, state, query in zip(req_ids, states, queries):
+            slot = self._diffusion_slots[req_id].of(query)
+            slots.append(torch.where(state.fresh(query), slot, -1))
+        slots = torch.cat(slots)
         lengths = torch.tensor([q.numel() for q in queries], dtype=torch.int32)
         query_start_loc = torch.zeros(len(queries) + 1, dtype=torch.int32)
         query_start_loc[1:] = torch.cumsum(lengths, 0)
@@ -124,8 +130,11 @@ class DiffusionRunnerMixin:
             seq_lens_cpu_upper_bound=seq_lens,
         )
         metadata, slot_mappings = {}, {}
+        focus = self._focus_batch(states, queries, device) if self._focus else None
         for group in self._diffusion_attn_groups():
             built = group.get_metadata_builder().build(0, common)
+            if isinstance(built, FocusMetadata):
+                built.focus = focus
             for name in group.layer_names:
                 metadata[name] = built
                 slot_mappings[name] = common.slot_mapping
@@ -133,6 +142,28 @@ class DiffusionRunnerMixin:
             metadata, self.vllm_config, num_tokens=num_tokens, slot_mapping=slot_mappings
         ):
             return self.model(input_ids=input_ids.to(device), positions=positions.to(device))
+
+    @staticmethod
+    def _focus_batch(states, queries, device) -> FocusBatch | None:
+        """What the FOCUS backend's layers need about this step's Focus requests."""
+        if all(state.focus_step is None for state in states):
+            return None
+        rows, owners, offset = [], [], 0
+        for r, (state, query) in enumerate(zip(states, queries)):
+            if state.focus_step is not None:
+                local = torch.searchsorted(query, state.focus_step.focus)
+                rows.append(local + offset)
+                owners.append(torch.full_like(local, r))
+            offset += query.numel()
+        plans = [None if s.focus_step is None else s.focus for s in states]
+        prompt_lens = [s.prompt_len for s in states]
+        return FocusBatch(
+            plans=plans,
+            prompt_lens=prompt_lens,
+            kept_blocks=[0 if p is None else p.kept_blocks(n) for p, n in zip(plans, prompt_lens)],
+            focus_rows=torch.cat(rows).to(device),
+            focus_req=torch.cat(owners).to(torch.int32).to(device),
+        )
 
     def _diffusion_attn_groups(self):
         groups = [g for per_kv_group in self.attn_groups for g in per_kv_group]

@@ -26,10 +26,14 @@ def request_overrides(sampling_params: Any) -> dict[str, Any]:
     return dict(getattr(sampling_params, "extra_args", None) or {})
 
 
-def resolve_plan(defaults: DiffusionSettings, family: str, sampling_params: Any) -> DecodePlan:
-    """The plan of one request; raises SettingsError naming the bad field."""
+def resolve_plan(
+    defaults: DiffusionSettings, family: str, sampling_params: Any, focus: bool = False
+) -> DecodePlan:
+    """The plan of one request; raises SettingsError naming the bad field.
+
+    `focus`: the server runs the FOCUS attention backend."""
     settings = defaults.updated(request_overrides(sampling_params))
     max_tokens = sampling_params.max_tokens
     if max_tokens is None:
         max_tokens = settings.gen_length
-    return settings.plan(family, max_tokens)
+    return settings.plan(family, max_tokens, focus=focus)

@@ -1,0 +1,352 @@
+"""The FOCUS attention backend: Focus-dLLM's sparse attention inside vLLM's attention layers.
+
+Selected with `--attention-backend focus` (or `LLM(..., attention_backend="focus")`). It is
+registered in vLLM's `CUSTOM` slot with `FOCUS` as an alias name (`register_focus_backend`),
+and the model classes hand it to their `Attention` layers themselves, so the CPU platform,
+which ignores the flag, cannot swap it for CPU_ATTN.
+
+One forward's Focus state lives in `FocusBatch`, which the diffusion runner attaches to the
+metadata every layer shares: per request, whether it runs Focus this step and with which knobs,
+the rows of its focus queries F, and the sinks — found at the last dense layer and read by
+every deeper one. Per layer and request, the keys attended are every position (dense layers,
+requests not in Focus) or the kept prompt blocks ∪ sinks ∪ the response (sparse layers).
+All selections sum scores over heads, and are all-reduced across tensor-parallel ranks before
+the top-k, so every rank keeps the same keys. Kernels: Triton on CUDA, their torch twins on
+the CPU (`vllm_focus.kernels`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionCGSupport,
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    CommonAttentionMetadata,
+)
+from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+from vllm_focus.settings import FocusPlan
+
+NAME = "FOCUS"
+
+
+def focus_selected(vllm_config: Any) -> bool:
+    """Whether the server runs Focus attention (`--attention-backend focus`)."""
+    attention = getattr(vllm_config, "attention_config", None)
+    if getattr(attention, "backend", None) is not AttentionBackendEnum.CUSTOM:
+        return False
+    return AttentionBackendEnum.CUSTOM.get_path() == f"{__name__}.FocusAttentionBackend"
+
+
+@dataclass
+class FocusBatch:
+    """The Focus state of one forward, per request of the batch (index r)."""
+
+    plans: list[FocusPlan | None]  # None: this request attends densely in every layer
+    prompt_lens: list[int]
+    kept_blocks: list[int]
+    focus_rows: torch.Tensor  # [nF] int64, batch rows of the focus queries F
+    focus_req: torch.Tensor  # [nF] int32, their request
+    sinks: list[torch.Tensor | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.sinks:
+            self.sinks = [None] * len(self.plans)
+
+
+@dataclass
+class FocusMetadata:
+    num_actual_tokens: int
+    query_start_loc: torch.Tensor  # [R + 1] int32
+    query_req: torch.Tensor  # [T] int32, the request of each token
+    seq_lens: torch.Tensor  # [R] int32
+    seq_lens_cpu: list[int]
+    block_table: torch.Tensor  # [R, max_blocks] int32
+    slot_mapping: torch.Tensor  # [T] int64, -1: not written
+    focus: FocusBatch | None = None  # set by the diffusion runner for Focus steps
+    _dense_keys: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def dense_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every position of every request: (key_positions, cu_seqlens_k), built once."""
+        if self._dense_keys is None:
+            device = self.seq_lens.device
+            positions = torch.cat([torch.arange(n, device=device) for n in self.seq_lens_cpu])
+            self._dense_keys = (positions.to(torch.int32), _cumulative(self.seq_lens_cpu, device))
+        return self._dense_keys
+
+
+def _cumulative(lengths: list[int], device: torch.device) -> torch.Tensor:
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int32), 0)
+    return cu.to(device)
+
+
+class FocusMetadataBuilder(AttentionMetadataBuilder[FocusMetadata]):
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
+    def build(
+        self,
+        common_prefix_len: int,
+        common_attn_metadata: CommonAttentionMetadata,
+        fast_build: bool = False,
+    ) -> FocusMetadata:
+        common = common_attn_metadata
+        starts = common.query_start_loc_cpu
+        counts = (starts[1:] - starts[:-1]).long()
+        query_req = torch.repeat_interleave(torch.arange(common.num_reqs), counts)
+        seq_lens_cpu = common.seq_lens_cpu_upper_bound
+        if seq_lens_cpu is None:
+            seq_lens_cpu = common.seq_lens.cpu()
+        return FocusMetadata(
+            num_actual_tokens=common.num_actual_tokens,
+            query_start_loc=common.query_start_loc,
+            query_req=query_req.to(torch.int32).to(common.query_start_loc.device),
+            seq_lens=common.seq_lens,
+            seq_lens_cpu=[int(n) for n in seq_lens_cpu[: common.num_reqs]],
+            block_table=common.block_table_tensor,
+            slot_mapping=common.slot_mapping,
+        )
+
+
+class FocusAttentionBackend(AttentionBackend):
+    forward_includes_kv_cache_update: bool = False
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto"]
+
+    @staticmethod
+    def get_name() -> str:
+        return NAME
+
+    @staticmethod
+    def get_impl_cls() -> type[FocusAttentionImpl]:
+        return FocusAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[FocusMetadataBuilder]:
+        return FocusMetadataBuilder
+
+    @classmethod
+    def supports_non_causal(cls) -> bool:
+        return True
+
+
+def _kernels(device: torch.device):
+    """(attention, block scores, sink scores): Triton on CUDA, the torch twins elsewhere."""
+    if device.type == "cuda":
+        from vllm_focus.kernels.block_scores import prompt_block_scores
+        from vllm_focus.kernels.sink_scores import sink_scores
+        from vllm_focus.kernels.sparse_attention import sparse_paged_attention
+
+        return sparse_paged_attention, prompt_block_scores, sink_scores
+    from vllm_focus.kernels.reference import (
+        prompt_block_scores_ref,
+        sink_scores_ref,
+        sparse_paged_attention_ref,
+    )
+
+    return sparse_paged_attention_ref, prompt_block_scores_ref, sink_scores_ref
+
+
+def _all_reduce(scores: torch.Tensor) -> torch.Tensor:
+    """Sum head-summed scores over tensor-parallel ranks (heads are split across them)."""
+    from vllm.distributed import (
+        get_tensor_model_parallel_world_size,
+        tensor_model_parallel_all_reduce,
+    )
+
+    if get_tensor_model_parallel_world_size() == 1:
+        return scores
+    return tensor_model_parallel_all_reduce(scores.contiguous())
+
+
+def _top(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the `count` highest scores; ties go to the lower index."""
+    return torch.sort(scores, descending=True, stable=True).indices[:count]
+
+
+def split_kv_cache(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM's per-layer view [blocks, kv_heads, block_size, K|V] as two strided
+    [blocks, block_size, kv_heads, head_size] views (the kernels' layout)."""
+    keys = kv_cache[..., :head_size].transpose(1, 2)
+    values = kv_cache[..., head_size:].transpose(1, 2)
+    return keys, values
+
+
+class FocusAttentionImpl(AttentionImpl):
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int | None = None,
+        alibi_slopes: list[float] | None = None,
+        sliding_window: int | None = None,
+        kv_cache_dtype: str = "auto",
+        logits_soft_cap: float | None = None,
+        attn_type: str = "decoder",
+        kv_sharing_target_layer_name: str | None = None,
+        **unsupported: Any,
+    ) -> None:
+        for name, value in (
+            ("alibi_slopes", alibi_slopes),
+            ("sliding_window", sliding_window),
+            ("logits_soft_cap", logits_soft_cap),
+            ("kv_sharing_target_layer_name", kv_sharing_target_layer_name),
+        ):
+            if value is not None:
+                raise NotImplementedError(f"the FOCUS attention backend does not support {name}")
+        if kv_cache_dtype != "auto":
+            raise NotImplementedError(
+                f"the FOCUS attention backend keeps the KV cache in the model dtype; "
+                f"kv_cache_dtype {kv_cache_dtype!r} is not supported"
+            )
+        self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.kv_sharing_target_layer_name = None
+        self._layer_index: int | None = None
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        """Write the K/V of the tokens whose slot is >= 0 (Focus leaves some unwritten)."""
+        keys, values = split_kv_cache(kv_cache, self.head_size)
+        slots = slot_mapping.long()
+        written = slots >= 0
+        count = slots.shape[0]
+        slots = slots[written]
+        block_size = keys.shape[1]
+        blocks, rows = slots // block_size, slots % block_size
+        keys[blocks, rows] = key[:count][written].to(keys.dtype)
+        values[blocks, rows] = value[:count][written].to(values.dtype)
+
+    def forward(
+        self,
+        layer,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: FocusMetadata | None,
+        output: torch.Tensor,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if attn_metadata is None:  # profiling / dummy runs
+            return output
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("the FOCUS attention backend has no fused output quant")
+        meta = attn_metadata
+        count = meta.num_actual_tokens
+        q = query[:count]
+        keys, values = split_kv_cache(kv_cache, self.head_size)
+        attention, block_scores, sink_scores = _kernels(q.device)
+        index = self._index(layer)
+        key_positions, cu_k = self._key_sets(index, q, keys, meta, block_scores)
+        attention(
+            q,
+            keys,
+            values,
+            meta.block_table,
+            meta.query_req,
+            key_positions,
+            cu_k,
+            self.scale,
+            out=output[:count],
+        )
+        if meta.focus is not None:
+            self._find_sinks(index, q, keys, meta, sink_scores)
+        return output
+
+    def _index(self, layer) -> int:
+        if self._layer_index is None:
+            from vllm.model_executor.models.utils import extract_layer_index
+
+            self._layer_index = extract_layer_index(layer.layer_name)
+        return self._layer_index
+
+    def _key_sets(self, index, q, keys, meta: FocusMetadata, block_scores):
+        """Per request, the key positions this layer attends (ragged)."""
+        batch = meta.focus
+        sparse = []
+        if batch is not None:
+            sparse = [
+                r
+                for r, plan in enumerate(batch.plans)
+                if plan is not None and index >= plan.dense_layers
+            ]
+        if not sparse:
+            return meta.dense_keys()
+        kept = self._kept_prompt(sparse, q, keys, meta, block_scores)
+        device = q.device
+        parts = []
+        for r, seq_len in enumerate(meta.seq_lens_cpu):
+            if r not in kept:
+                parts.append(torch.arange(seq_len, device=device))
+                continue
+            prompt_len = batch.prompt_lens[r]
+            response = torch.arange(prompt_len, seq_len, device=device)
+            sinks = batch.sinks[r]
+            if sinks is None:
+                sinks = torch.empty(0, dtype=torch.long, device=device)
+            parts.append(torch.unique(torch.cat([kept[r], sinks, response])))
+        lengths = [p.numel() for p in parts]
+        return torch.cat(parts).to(torch.int32), _cumulative(lengths, device)
+
+    def _kept_prompt(self, sparse, q, keys, meta: FocusMetadata, block_scores):
+        """Prompt positions of the top blocks of each sparse request, by F's block scores."""
+        batch = meta.focus
+        kept: dict[int, torch.Tensor] = {}
+        sizes = sorted({batch.plans[r].prompt_block_size for r in sparse})
+        for size in sizes:
+            group = [r for r in sparse if batch.plans[r].prompt_block_size == size]
+            lengths = torch.zeros(len(batch.plans), dtype=torch.int32)
+            lengths[group] = torch.tensor([batch.prompt_lens[r] for r in group], dtype=torch.int32)
+            rows = torch.isin(batch.focus_req, torch.tensor(group, device=q.device))
+            scores = block_scores(
+                q[batch.focus_rows[rows]],
+                batch.focus_req[rows],
+                keys,
+                meta.block_table,
+                lengths.to(q.device),
+                size,
+                self.scale,
+            )
+            scores = _all_reduce(scores)
+            for r in group:
+                prompt_len = batch.prompt_lens[r]
+                blocks = _top(scores[r, : -(-prompt_len // size)], batch.kept_blocks[r])
+                offsets = torch.arange(size, device=q.device)
+                positions = (blocks[:, None] * size + offsets[None, :]).flatten()
+                kept[r] = positions[positions < prompt_len]
+        return kept
+
+    def _find_sinks(self, index, q, keys, meta: FocusMetadata, sink_scores) -> None:
+        """At the last dense layer: each Focus request's sinks, for the deeper layers."""
+        batch = meta.focus
+        wanted = [
+            r
+            for r, plan in enumerate(batch.plans)
+            if plan is not None and index == plan.dense_layers - 1
+        ]
+        if not wanted:
+            return
+        lengths = torch.zeros(len(batch.plans), dtype=torch.int32)
+        lengths[wanted] = torch.tensor([batch.prompt_lens[r] for r in wanted], dtype=torch.int32)
+        scores = sink_scores(
+            q,
+            meta.query_start_loc,
+            keys,
+            meta.block_table,
+            meta.seq_lens,
+            lengths.to(q.device),
+            self.scale,
+        )
+        scores = _all_reduce(scores)
+        for r in wanted:
+            batch.sinks[r] = _top(scores[r, : batch.prompt_lens[r]], batch.plans[r].num_sinks)
