@@ -1,7 +1,9 @@
 """tensor_parallel_size=2 on CPU (vLLM's mp executor over gloo) gives the reference tokens.
 
 Heads are split across the two ranks (Dream GQA 6/2 -> 3 query and 1 KV head per rank); the
-logits are all-gathered, so both ranks take the same unmask decisions.
+logits are all-gathered, so both ranks take the same unmask decisions. The engine runs the FOCUS
+backend: its sink and block scores are summed over each rank's heads and all-reduced, so both
+ranks keep the same keys (a 4-layer checkpoint, so there are sparse layers).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from vllm_focus.reference.decode import served_outputs
 from vllm_focus.reference.model import ReferenceModel
@@ -16,14 +19,18 @@ from vllm_focus.settings import DiffusionSettings
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_dirs):
+def engine(tmp_path_factory):
     from vllm import LLM
+
+    from vllm_focus.testing.tiny import write_tiny_checkpoint
 
     # The CPU worker binds each rank's threads to NUMA nodes; this machine has one, so bind
     # one core per rank by hand (the worker processes read it at start-up).
     saved = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
-    model_dir = tiny_dirs["dream-gqa3"]
+    model_dir = str(
+        write_tiny_checkpoint(tmp_path_factory.mktemp("tp"), "dream-gqa3", num_layers=4)
+    )
     llm = LLM(
         model=model_dir,
         dtype="float32",
@@ -32,6 +39,7 @@ def engine(tiny_dirs):
         kv_cache_memory_bytes=32 << 20,
         tensor_parallel_size=2,
         distributed_executor_backend="mp",
+        attention_backend="focus",
     )
     yield llm, model_dir
     llm.llm_engine.engine_core.shutdown()
@@ -41,18 +49,27 @@ def engine(tiny_dirs):
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = saved
 
 
-@pytest.mark.parametrize("cache", ["dual", "none"])
+FOCUS = {"min_prompt_len": 40, "prompt_block_size": 16, "min_keep_tokens": 32, "num_sinks": 4}
+MODES = {
+    "focus": {"cache": "dual", **FOCUS},
+    "dense-dual": {"cache": "dual", "min_prompt_len": 100_000},
+    "none": {"cache": "none"},
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("temperature, seed", [(0.0, None), (0.7, 9)], ids=["greedy", "seeded"])
-def test_two_ranks_match_reference(engine, cache, temperature, seed):
+def test_two_ranks_match_reference(engine, mode, temperature, seed):
     from vllm import SamplingParams
 
     llm, model_dir = engine
     reference = ReferenceModel(model_dir)
-    prompts = [list(range(10, 60)), [5], list(range(200, 20, -1))]
-    settings = {"gen_length": 64, "block_length": 16, "cache": cache}
+    generator = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 300, (n,), generator=generator).tolist() for n in (50, 1, 180)]
+    settings = {"gen_length": 64, "block_length": 16, **MODES[mode]}
     params = SamplingParams(temperature=temperature, seed=seed, max_tokens=64, extra_args=settings)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     want = served_outputs(
-        reference, prompts, DiffusionSettings(**settings), [64] * 3, temperature, seed
+        reference, prompts, DiffusionSettings(**settings), [64] * 3, temperature, seed, focus=True
     )
     assert [list(o.outputs[0].token_ids) for o in outputs] == want
