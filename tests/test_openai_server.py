@@ -1,6 +1,8 @@
-"""`vllm serve <tiny dream dir>` with no extra flags beyond sizing, driven by the openai client.
+"""`vllm serve <tiny dream dir> --attention-backend focus`, driven by the openai client.
 
-One server for the module. Checks tokens against the reference decoder, streaming by
+One server for the module, no flags beyond sizing, the backend and server-wide diffusion
+defaults (Focus knobs that make its short prompts sparse: one dense layer of two, one kept
+prompt block of 4 tokens, 2 sinks). Checks tokens against the reference decoder, streaming by
 committed blocks, chat through the checkpoint's template, usage and finish reasons, and
 HTTP 400s that name the field while a concurrent good request completes unharmed.
 """
@@ -23,7 +25,15 @@ from vllm_focus.reference.decode import finish, generate
 from vllm_focus.reference.model import ReferenceModel
 from vllm_focus.settings import DiffusionSettings
 
-SERVER_DEFAULTS = {"gen_length": 64, "block_length": 16}
+SERVER_DEFAULTS = {
+    "gen_length": 64,
+    "block_length": 16,
+    "min_prompt_len": 8,
+    "dense_layers": 1,
+    "prompt_block_size": 4,
+    "min_keep_tokens": 4,
+    "num_sinks": 2,
+}
 MAX_MODEL_LEN = 512
 
 
@@ -53,6 +63,8 @@ def server(tiny_dirs):
         str(MAX_MODEL_LEN),
         "--kv-cache-memory-bytes",
         str(8 << 20),
+        "--attention-backend",
+        "focus",
         "--additional-config",
         json.dumps({"focus_dllm": SERVER_DEFAULTS}),
     ]
@@ -104,7 +116,8 @@ def reference(server):
 
 def _expected(reference, prompt_ids, max_tokens, **overrides):
     model, eos = reference, reference.eos_token_ids
-    plan = DiffusionSettings(**{**SERVER_DEFAULTS, **overrides}).plan("dream", max_tokens)
+    settings = DiffusionSettings(**{**SERVER_DEFAULTS, **overrides})
+    plan = settings.plan("dream", max_tokens, focus=True)
     return finish(generate(model, [prompt_ids], plan)[0], eos, max_tokens)
 
 
@@ -131,7 +144,7 @@ def test_completion_matches_reference(client, server, reference):
 
 def test_per_request_settings_through_vllm_xargs(client, server, reference):
     _, model_dir = server
-    xargs = {"cache": "prefix", "block_length": 8, "threshold": 0.5}
+    xargs = {"cache": "prefix", "block_length": 8, "threshold": 0.5, "window": 2, "num_sinks": 0}
     response = client.completions.create(
         model=model_dir,
         prompt=PROMPT,
@@ -208,6 +221,8 @@ def test_bad_requests_get_400_while_a_good_one_completes(client, server):
         ({"vllm_xargs": {"confidence": "loudest"}}, "confidence"),
         ({"vllm_xargs": {"blocksize": 8}}, "blocksize"),
         ({"vllm_xargs": {"steps": 7}}, "steps"),
+        ({"vllm_xargs": {"keep_ratio": 0}}, "keep_ratio"),
+        ({"vllm_xargs": {"dense_layers": 0}}, "dense_layers"),
     ]
     for extra_body, field in bad_cases:
         with pytest.raises(openai.BadRequestError) as info:
