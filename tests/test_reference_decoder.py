@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_focus.policy import dream_step_count, llada_step_counts, select
+from vllm_focus.policy import dream_step_count, focus_step, llada_step_counts, select
 from vllm_focus.reference.decode import RequestDecoder, finish, generate
 from vllm_focus.reference.model import KVCache, ReferenceModel
 from vllm_focus.settings import DiffusionSettings, SettingsError
@@ -141,6 +141,14 @@ def test_sampling_is_a_function_of_the_seed(references):
         (dict(cache="full"), "`cache` must be one of ['none', 'prefix', 'dual']"),
         (dict(refresh="never"), "`refresh` must be one of ['block', 'prefill']"),
         (dict(schedule="cosine"), "`schedule` must be one of ['llada', 'dream']"),
+        (dict(window=-1), "`window` must be an integer in [0, 4096], got -1"),
+        (dict(dense_layers=0), "`dense_layers` must be an integer >= 1, got 0"),
+        (dict(num_sinks=1.5), "`num_sinks` must be an integer >= 0, got 1.5"),
+        (dict(prompt_block_size=0), "`prompt_block_size` must be an integer in [1, 4096]"),
+        (dict(keep_ratio=0), "`keep_ratio` must be a number in (0, 1], got 0"),
+        (dict(keep_ratio=True), "`keep_ratio` must be a number in (0, 1], got True"),
+        (dict(min_keep_tokens=-5), "`min_keep_tokens` must be an integer >= 0, got -5"),
+        (dict(min_prompt_len="long"), "`min_prompt_len` must be an integer >= 0, got 'long'"),
     ],
 )
 def test_settings_errors_name_the_field(settings, message):
@@ -166,3 +174,45 @@ def test_plan_caps_and_rounds_the_canvas():
 def test_finish_cuts_at_the_first_eos():
     assert finish([4, 5, 2, 6, 2], {2}, 10) == ([4, 5, 2], "stop")
     assert finish([4, 5, 6, 7], {2}, 3) == ([4, 5, 6], "length")
+
+
+def test_kept_blocks_follow_keep_ratio_and_min_keep_tokens():
+    focus = DiffusionSettings(prompt_block_size=64, keep_ratio=0.1, min_keep_tokens=256)
+    plan = focus.focus_plan()
+    assert plan.kept_blocks(32768) == 52  # ceil(3276.8) tokens -> 52 blocks of 64
+    assert plan.kept_blocks(2000) == 4  # min_keep_tokens wins: 256 tokens
+    assert plan.kept_blocks(100) == 2  # never more than the prompt has
+    assert DiffusionSettings(keep_ratio=1.0).focus_plan().kept_blocks(1000) == 16
+    assert not plan.applies(1023, "dual") and plan.applies(1024, "prefix")
+    assert not plan.applies(5000, "none")
+
+
+def test_focus_step_by_hand():
+    """Block [10, 18): F from the indicator, windows of 1 clipped to the canvas, Dream's p-1."""
+    indicator = torch.tensor([0.0, 0.9, 0.1, 0.8, 0.2, 0.3, 0.7, 0.4], dtype=torch.float64)
+    masked = torch.tensor([10, 11, 12, 13, 15, 16, 17])  # 14 already decoded
+    step = focus_step(indicator, masked, 10, 2, None, 1, 18, shift=0)
+    assert step.focus.tolist() == [11, 13]
+    assert step.query.tolist() == [10, 11, 12, 13, 14]
+    assert step.candidates.tolist() == [10, 11, 12, 13]
+    # Dream: candidates need p - 1 (9 lies before the block); the window clips at 18.
+    step = focus_step(indicator, masked, 10, 1, None, 1, 18, shift=1)
+    assert step.focus.tolist() == [11]
+    assert step.query.tolist() == [9, 10, 11, 12]
+    step = focus_step(indicator, masked, 10, None, 0.65, 0, 18, shift=0, tail_from=18)
+    assert step.focus.tolist() == [11, 13, 16] and step.query.tolist() == [11, 13, 16]
+    # A step that unmasks nothing still computes its best position.
+    step = focus_step(indicator, masked, 10, 0, None, 1, 18, shift=0)
+    assert step.focus.tolist() == [11]
+    step = focus_step(indicator, masked, 10, 1, None, 2, 18, shift=0, tail_from=17)
+    assert step.query.tolist() == [9, 10, 11, 12, 13, 17]
+
+
+def test_sparse_focus_changes_tokens_and_unpruned_whole_block_focus_is_dual(references):
+    model = references["dream"]
+    base = dict(gen_length=32, block_length=16, min_prompt_len=0, dense_layers=1)
+    sparse = dict(base, prompt_block_size=4, min_keep_tokens=4, num_sinks=1)
+    whole = dict(base, window=16, keep_ratio=1.0, num_sinks=1000)
+    dual = generate(model, PROMPTS, _plan("dream", 32, **base))
+    assert generate(model, PROMPTS, DiffusionSettings(**whole).plan("dream", 32, True)) == dual
+    assert generate(model, PROMPTS, DiffusionSettings(**sparse).plan("dream", 32, True)) != dual
