@@ -60,17 +60,3 @@ def test_top_block_is_the_one_that_matches_the_queries():
         **args, prompt_block_size=16, scale=HEAD_DIM**-0.5
     )
     assert int(scores[0].argmax()) == target
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_scores_compiled_on_gpu():
-    args = _args([4096, 300], [96, 3], 28, 4, [4000, 250], device="cuda")
-    got = interpreted("block_scores", "prompt_block_scores")(
-        **args, prompt_block_size=64, scale=HEAD_DIM**-0.5
-    )
-    want = prompt_block_scores_ref(
-        **{k: v.cpu() for k, v in args.items()}, prompt_block_size=64, scale=HEAD_DIM**-0.5
-    )
-    finite = torch.isfinite(want)
-    assert rel_rms(got.cpu()[finite], want[finite]) < 1e-4

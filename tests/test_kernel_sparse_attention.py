@@ -45,14 +45,3 @@ def test_density_one_equals_dense_attention():
             scale=scale,
         )[:, 0, :]
         assert rel_rms(got[token], want) < 1e-5
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("num_heads, num_kv_heads", [(28, 4), (32, 32)])
-def test_kernel_compiled_on_gpu(num_heads, num_kv_heads):
-    case = paged_case([4096, 300], [96, 3], num_heads, num_kv_heads, 0.2, seed=0, device="cuda")
-    scale = HEAD_DIM**-0.5
-    got = interpreted("sparse_attention", "sparse_paged_attention")(**case, scale=scale)
-    want = sparse_paged_attention_ref(**{k: v.cpu() for k, v in case.items()}, scale=scale)
-    assert rel_rms(got.cpu(), want) < 1e-4

@@ -31,16 +31,27 @@ def rel_rms(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt().clamp_min(1e-12)).item()
 
 
-def paged_case(seq_lens, num_queries, num_heads, num_kv_heads, density, seed, device="cpu"):
+def paged_case(
+    seq_lens,
+    num_queries,
+    num_heads,
+    num_kv_heads,
+    density,
+    seed,
+    device="cpu",
+    head_dim=HEAD_DIM,
+    dtype=torch.float32,
+):
     """Dense K/V per request laid into a shuffled paged cache, plus the selected key lists."""
     gen = torch.Generator().manual_seed(seed)
     blocks_per_req = [-(-n // BLOCK_SIZE) for n in seq_lens]
     total_blocks = sum(blocks_per_req) + 3
     # The CPU backend's logical view [blocks, kv_heads, block_size, K|V]; the kernel reads it
     # through strided [blocks, block_size, kv_heads, head_dim] views.
-    kv = torch.randn(total_blocks, num_kv_heads, BLOCK_SIZE, 2 * HEAD_DIM, generator=gen)
-    key_cache = kv[..., :HEAD_DIM].permute(0, 2, 1, 3)
-    value_cache = kv[..., HEAD_DIM:].permute(0, 2, 1, 3)
+    kv = torch.randn(total_blocks, num_kv_heads, BLOCK_SIZE, 2 * head_dim, generator=gen)
+    kv = kv.to(device=device, dtype=dtype)
+    key_cache = kv[..., :head_dim].permute(0, 2, 1, 3)
+    value_cache = kv[..., head_dim:].permute(0, 2, 1, 3)
     order = torch.randperm(total_blocks, generator=gen)
     width = max(blocks_per_req)
     block_table = torch.zeros(len(seq_lens), width, dtype=torch.int32)
@@ -61,7 +72,7 @@ def paged_case(seq_lens, num_queries, num_heads, num_kv_heads, density, seed, de
         keys.append(chosen)
         cu_k.append(cu_k[-1] + chosen.numel())
     query_req = torch.cat([torch.full((q,), r) for r, q in enumerate(num_queries)])
-    q = torch.randn(query_req.numel(), num_heads, HEAD_DIM, generator=gen)
+    q = torch.randn(query_req.numel(), num_heads, head_dim, generator=gen).to(dtype)
     tensors = dict(
         q=q,
         key_cache=key_cache,

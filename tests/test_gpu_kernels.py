@@ -1,0 +1,97 @@
+"""The Focus kernels compiled on CUDA against their torch twins, at the real head layouts.
+
+LLaDA-8B (32 query / 32 KV heads x 128) and Dream-7B (28 / 4 x 128), bfloat16 caches, 8K and
+32K prompts plus a short second request, Focus-sized query sets. Runs with `pytest -m gpu` on
+a machine with a GPU (torch + Triton only; vLLM is not needed).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_focus.kernels.reference import (
+    prompt_block_scores_ref,
+    sink_scores_ref,
+    sparse_paged_attention_ref,
+)
+from vllm_focus.testing.paged import paged_case, rel_rms
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+LAYOUTS = {"llada-8b": (32, 32), "dream-7b": (28, 4)}
+HEAD_DIM = 128
+GEN = 256
+
+
+def _case(prompt: int, layout: str, density: float):
+    num_heads, num_kv_heads = LAYOUTS[layout]
+    return paged_case(
+        [prompt + GEN, 300],
+        [96, 3],
+        num_heads,
+        num_kv_heads,
+        density,
+        seed=prompt,
+        device="cuda",
+        head_dim=HEAD_DIM,
+        dtype=torch.bfloat16,
+    )
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("prompt", [8192, 32768])
+@pytest.mark.parametrize("density", [0.12, 1.0])
+def test_sparse_attention(layout, prompt, density):
+    from vllm_focus.kernels.sparse_attention import sparse_paged_attention
+
+    case = _case(prompt, layout, density)
+    scale = HEAD_DIM**-0.5
+    out = torch.full_like(case["q"], float("nan"))
+    got = sparse_paged_attention(**case, scale=scale, out=out)
+    torch.cuda.synchronize()
+    want = sparse_paged_attention_ref(**case, scale=scale)
+    assert not got.isnan().any()
+    assert rel_rms(got.float(), want.float()) < 2e-2
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("prompt", [8192, 32768])
+def test_block_and_sink_scores(layout, prompt):
+    from vllm_focus.kernels.block_scores import prompt_block_scores
+    from vllm_focus.kernels.sink_scores import sink_scores
+
+    case = _case(prompt, layout, 1.0)
+    scale = HEAD_DIM**-0.5
+    prompt_lens = torch.tensor([prompt, 250], dtype=torch.int32, device="cuda")
+    blocks = dict(
+        q=case["q"],
+        query_req=case["query_req"],
+        key_cache=case["key_cache"],
+        block_table=case["block_table"],
+        prompt_lens=prompt_lens,
+        prompt_block_size=64,
+        scale=scale,
+    )
+    got, want = prompt_block_scores(**blocks), prompt_block_scores_ref(**blocks)
+    finite = torch.isfinite(want)
+    assert torch.equal(finite, torch.isfinite(got))
+    assert rel_rms(got[finite], want[finite]) < 2e-2
+    counts = torch.bincount(case["query_req"].long(), minlength=2)
+    cu_q = torch.zeros(3, dtype=torch.int32, device="cuda")
+    cu_q[1:] = torch.cumsum(counts, 0)
+    sinks = dict(
+        q=case["q"],
+        cu_seqlens_q=cu_q,
+        key_cache=case["key_cache"],
+        block_table=case["block_table"],
+        seq_lens=torch.tensor([prompt + GEN, 300], dtype=torch.int32, device="cuda"),
+        prompt_lens=prompt_lens,
+        scale=scale,
+    )
+    got, want = sink_scores(**sinks), sink_scores_ref(**sinks)
+    finite = torch.isfinite(want)
+    assert rel_rms(got[finite], want[finite]) < 2e-2
