@@ -29,19 +29,26 @@ def sparse_paged_attention_ref(
 ) -> torch.Tensor:
     """Twin of kernels.sparse_attention.sparse_paged_attention (shapes documented there).
 
-    One request at a time, its query tokens in chunks of `query_chunk` (to bound memory).
+    One request at a time, its query tokens in chunks of `query_chunk`, through torch's
+    scaled_dot_product_attention on the gathered keys.
     """
     group = q.shape[1] // key_cache.shape[2]
     result = torch.empty_like(q) if out is None else out
     for req in torch.unique(query_req).tolist():
         tokens = torch.nonzero(query_req == req).flatten()
         positions = key_positions[cu_seqlens_k[req] : cu_seqlens_k[req + 1]].long()
-        keys = _gather(key_cache, block_table, req, positions).repeat_interleave(group, dim=1)
-        values = _gather(value_cache, block_table, req, positions).repeat_interleave(group, 1)
+        keys = _gather(key_cache, block_table, req, positions)  # [n, Hkv, D]
+        values = _gather(value_cache, block_table, req, positions)
         for chunk in tokens.split(query_chunk):
-            scores = torch.einsum("thd,nhd->thn", q[chunk].float(), keys) * scale
-            attended = torch.einsum("thn,nhd->thd", scores.softmax(-1), values)
-            result[chunk] = attended.to(result.dtype)
+            # [1, heads, t, D] over [1, kv_heads, n, D]; query head h reads KV head h // group.
+            attended = torch.nn.functional.scaled_dot_product_attention(
+                q[chunk].float().transpose(0, 1)[None],
+                keys.transpose(0, 1)[None],
+                values.transpose(0, 1)[None],
+                scale=scale,
+                enable_gqa=group > 1,
+            )
+            result[chunk] = attended[0].transpose(0, 1).to(result.dtype)
     return result
 
 
@@ -86,7 +93,8 @@ def sink_scores_ref(
     scale: float,
 ) -> torch.Tensor:
     """Twin of kernels.sink_scores.sink_scores (shapes documented there)."""
-    group = q.shape[1] // key_cache.shape[2]
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = key_cache.shape[2]
     num_reqs = seq_lens.shape[0]
     max_prompt = int(prompt_lens.max()) if num_reqs else 0
     scores = torch.full((num_reqs, max_prompt), float("-inf"), device=q.device)
@@ -97,7 +105,8 @@ def sink_scores_ref(
             scores[req, :length] = 0.0  # no query puts mass anywhere
             continue
         positions = torch.arange(int(seq_lens[req]), device=q.device)
-        keys = _gather(key_cache, block_table, req, positions).repeat_interleave(group, dim=1)
-        probs = (torch.einsum("thd,nhd->thn", queries, keys) * scale).softmax(-1)
-        scores[req, :length] = probs.sum((0, 1))[:length]
+        keys = _gather(key_cache, block_table, req, positions)  # [n, Hkv, D]
+        grouped = queries.reshape(-1, num_kv_heads, num_heads // num_kv_heads, head_dim)
+        probs = (torch.einsum("tkgd,nkd->tkgn", grouped, keys) * scale).softmax(-1)
+        scores[req, :length] = probs.sum((0, 1, 2))[:length]
     return scores
