@@ -126,7 +126,8 @@ def main() -> None:
         "repeats": args.repeats,
         "focus": asdict(focus),
         "machine": platform.processor() or platform.machine(),
-        "command": "python benchmarks/focus_step.py " + " ".join(
+        "command": "python benchmarks/focus_step.py "
+        + " ".join(
             f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
             for k, v in vars(args).items()
             if v is not None
