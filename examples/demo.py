@@ -1,14 +1,17 @@
-"""Demo: tiny built-in Dream and LLaDA checkpoints served by vLLM, a long prompt, every cache mode.
+"""Demo: tiny built-in Dream and LLaDA checkpoints served by vLLM, a long prompt, every cache
+mode, dense and with Focus attention.
 
     bash scripts/demo.sh            # or: .venv/bin/python examples/demo.py --prompt-tokens 2048
 
 For each model family it starts vLLM's `LLM` engine on a tiny random-weight checkpoint
-(no trust_remote_code: the plugin registers the configs and models), sends one long chat
-prompt with each KV-cache mode, and prints the time, tokens/s and whether the engine's tokens
-equal the plain-PyTorch reference decoder's (DESIGN §3) — they must, token for token.
+(4 layers; no trust_remote_code: the plugin registers the configs and models), sends one long
+chat prompt with each KV-cache mode, then starts a second engine with
+`attention_backend="focus"` and sends it again with Focus on the dual cache. It prints the
+time, tokens/s and whether the engine's tokens equal the plain-PyTorch reference decoder's
+(DESIGN §3) — they must, token for token.
 
 The weights are random, so the text is noise; the point is the plumbing, the exactness and the
-cost of each cache mode. Focus attention (`--attention-backend focus`) is the next milestone.
+cost of each mode.
 """
 
 from __future__ import annotations
@@ -22,7 +25,10 @@ FILLER = (
     "The river flows to the sea, and the sea returns the rain to the mountains. "
     "Numbers 0 1 2 3 4 5 6 7 8 9 appear in the ledger of key alpha and key beta. "
 )
-MODES = [("none", "block"), ("prefix", "block"), ("dual", "block"), ("dual", "prefill")]
+MODES = {
+    "dense": [("none", "block"), ("prefix", "block"), ("dual", "block"), ("dual", "prefill")],
+    "focus": [("dual", "block"), ("dual", "prefill")],
+}
 
 
 def long_prompt(tokenizer, num_tokens: int) -> list[int]:
@@ -41,39 +47,48 @@ def run_family(arch: str, args) -> None:
     from vllm_focus.settings import DiffusionSettings
     from vllm_focus.testing.tiny import write_tiny_checkpoint
 
-    path = str(write_tiny_checkpoint(Path(args.workdir) / arch, arch))
+    path = str(write_tiny_checkpoint(Path(args.workdir) / arch, arch, num_layers=4))
     tokenizer = AutoTokenizer.from_pretrained(path)
     prompt = long_prompt(tokenizer, args.prompt_tokens)
     print(f"\n=== tiny {arch} ({path}), prompt of {len(prompt)} tokens ===")
-    llm = LLM(
-        model=path,
-        dtype="float32",
-        enforce_eager=True,
-        max_model_len=args.prompt_tokens + 2 * args.max_tokens,
-        kv_cache_memory_bytes=128 << 20,
-        seed=0,
-    )
     reference = ReferenceModel(path)
     rows = []
-    for cache, refresh in tqdm(MODES, desc=f"{arch}: cache modes"):
-        settings = {"cache": cache, "refresh": refresh, "gen_length": args.max_tokens}
-        params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, extra_args=settings)
-        start = time.perf_counter()
-        output = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
-        seconds = time.perf_counter() - start
-        tokens = list(output.outputs[0].token_ids)
-        want = served_outputs(
-            reference, [prompt], DiffusionSettings(**settings), [args.max_tokens]
-        )[0]
-        rows.append((cache, refresh, seconds, tokens, tokens == want, output.outputs[0].text))
-    llm.llm_engine.engine_core.shutdown()
-    for cache, refresh, seconds, tokens, exact, text in rows:
+    for attention, modes in MODES.items():
+        llm = LLM(
+            model=path,
+            dtype="float32",
+            enforce_eager=True,
+            max_model_len=args.prompt_tokens + 2 * args.max_tokens,
+            kv_cache_memory_bytes=128 << 20,
+            seed=0,
+            **({"attention_backend": "focus"} if attention == "focus" else {}),
+        )
+        for cache, refresh in tqdm(modes, desc=f"{arch}: {attention}"):
+            settings = {"cache": cache, "refresh": refresh, "gen_length": args.max_tokens}
+            params = SamplingParams(
+                temperature=0.0, max_tokens=args.max_tokens, extra_args=settings
+            )
+            start = time.perf_counter()
+            output = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
+            seconds = time.perf_counter() - start
+            tokens = list(output.outputs[0].token_ids)
+            want = served_outputs(
+                reference,
+                [prompt],
+                DiffusionSettings(**settings),
+                [args.max_tokens],
+                focus=attention == "focus",
+            )[0]
+            text = output.outputs[0].text
+            rows.append((attention, cache, refresh, seconds, tokens, tokens == want, text))
+        llm.llm_engine.engine_core.shutdown()
+    for attention, cache, refresh, seconds, tokens, exact, text in rows:
         print(
-            f"  cache={cache:<6} refresh={refresh:<7} {seconds:6.2f}s "
+            f"  {attention:<5} cache={cache:<6} refresh={refresh:<7} {seconds:6.2f}s "
             f"{len(tokens) / seconds:7.1f} tok/s  equals reference: {'yes' if exact else 'NO'}"
             f"  text: {text[:40]!r}"
         )
-    if not all(row[4] for row in rows):
+    if not all(row[5] for row in rows):
         raise SystemExit("the engine disagreed with the reference decoder")
 
 
