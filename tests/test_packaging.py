@@ -81,6 +81,30 @@ def test_register_twice_is_harmless():
     assert out.stdout.split("\n")[:2] == ["['DreamModel', 'LLaDAModelLM']", "False"]
 
 
+def test_focus_backend_is_the_custom_slot_under_its_alias():
+    code = (
+        "import pickle, vllm_focus\n"
+        "from vllm.v1.attention.backends.registry import AttentionBackendEnum as E\n"
+        "vllm_focus.register()\n"
+        "member = E['FOCUS']\n"
+        "print(member is E.CUSTOM, member.get_class().get_name())\n"
+        "print(pickle.loads(pickle.dumps(member)) is E.CUSTOM)\n"
+        "from vllm.v1.attention.backends.registry import register_backend\n"
+        "register_backend(E.CUSTOM, 'other.plugin.Backend')\n"
+        "vllm_focus._registered = False\n"
+        "try:\n"
+        "    vllm_focus.register()\n"
+        "except RuntimeError as err:\n"
+        "    print(err)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/"
+    )
+    lines = out.stdout.splitlines()
+    assert lines[:2] == ["True FOCUS", "True"]
+    assert "CUSTOM attention backend slot already holds other.plugin.Backend" in lines[2]
+
+
 def test_plugin_is_discovered_through_its_entry_point():
     from importlib.metadata import entry_points
 
