@@ -29,6 +29,22 @@ def llada_step_counts(num_masked: int, steps: int) -> list[int]:
     return [base + (1 if i < remainder else 0) for i in range(steps)]
 
 
+def step_count(plan: DecodePlan, num_masked: int, block_step: int) -> int | None:
+    """Tokens step `block_step` of a block unmasks, `num_masked` masks being left; None when
+    a threshold decides instead."""
+    if plan.threshold is not None:
+        return None
+    if plan.schedule == "llada":
+        return llada_step_counts(plan.block_length, plan.steps_per_block)[block_step]
+    return dream_step_count(num_masked, block_step, plan.steps_per_block)
+
+
+def recomputed_end(plan: DecodePlan, start: int, total: int) -> int:
+    """End of what a within-block step of a cached mode recomputes, from the block's `start`:
+    the block for `dual`, the block and every later position for `prefix`."""
+    return start + plan.block_length if plan.cache == "dual" else total
+
+
 def dream_step_count(num_masked: int, step: int, steps: int) -> int:
     """Dream's time-grid count: int(n·(1 − s/t)) with t, s on linspace(1, eps, steps + 1).
 
@@ -104,12 +120,17 @@ def select(confidence: torch.Tensor, count: int | None, threshold: float | None)
     Ties go to the lower index. With a threshold: the best row, plus every row whose
     confidence is >= threshold.
     """
-    order = torch.sort(confidence, descending=True, stable=True).indices
+    order = top_indices(confidence, confidence.numel())
     if threshold is not None:
         keep = confidence >= threshold
         keep[order[0]] = True
         return torch.nonzero(keep).flatten()
-    return order[: min(count, confidence.numel())]
+    return order[:count]
+
+
+def top_indices(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the `count` highest scores, best first; ties go to the lower index."""
+    return torch.sort(scores, descending=True, stable=True).indices[:count]
 
 
 @dataclass

@@ -13,11 +13,11 @@ import torch
 
 from vllm_focus.policy import (
     FocusStep,
-    dream_step_count,
     focus_step,
-    llada_step_counts,
     propose,
+    recomputed_end,
     select,
+    step_count,
 )
 from vllm_focus.settings import DecodePlan
 
@@ -40,7 +40,6 @@ class RequestState:
         self.block_step = 0  # steps taken in the current block
         self.step = 0  # steps taken in the request (the RNG counter)
         self.first_row: torch.Tensor | None = None  # Dream: logits of the block's 1st position
-        self.counts = llada_step_counts(plan.block_length, plan.steps_per_block)
         focus = plan.focus
         self.focus = focus if focus and focus.applies(self.prompt_len, plan.cache) else None
         # Past-confidence indicator (Focus): per block offset, the last confidence computed.
@@ -67,15 +66,6 @@ class RequestState:
     def is_refresh(self) -> bool:
         return self.block_step == 0
 
-    def _count(self, masked: torch.Tensor) -> int | None:
-        """Tokens this step unmasks (None: decided by the threshold)."""
-        plan = self.plan
-        if plan.threshold is not None:
-            return None
-        if plan.schedule == "llada":
-            return self.counts[self.block_step]
-        return dream_step_count(masked.numel(), self.block_step, plan.steps_per_block)
-
     def query(self) -> torch.Tensor:
         """Positions this step computes (ascending)."""
         plan, total = self.plan, self.total_len
@@ -92,7 +82,7 @@ class RequestState:
                 self.indicator,
                 masked,
                 start,
-                self._count(masked),
+                step_count(plan, masked.numel(), self.block_step),
                 plan.threshold,
                 self.focus.window,
                 total,
@@ -100,7 +90,7 @@ class RequestState:
                 tail_from=end if plan.cache == "prefix" else None,
             )
             return self.focus_step.query
-        return torch.arange(start, end if plan.cache == "dual" else total)
+        return torch.arange(start, recomputed_end(plan, start, total))
 
     def fresh(self, query: torch.Tensor) -> torch.Tensor:
         """Bool per query position: its fresh K/V go to the cache (and into this step's
@@ -108,8 +98,8 @@ class RequestState:
         mode recomputes to the cache."""
         if self.focus_step is None:
             return torch.ones(query.numel(), dtype=torch.bool)
-        start, end = self._block_range()
-        return (query >= start) & (query < (end if self.plan.cache == "dual" else self.total_len))
+        start, _ = self._block_range()
+        return (query >= start) & (query < recomputed_end(self.plan, start, self.total_len))
 
     def _candidates(self) -> torch.Tensor:
         return self._masked() if self.focus_step is None else self.focus_step.candidates
@@ -166,7 +156,7 @@ class RequestState:
     def _unmask(self, start: int, logits_of) -> None:
         """Unmask this step's share among the candidates (the block's masked positions, or
         those in a Focus step's active set), by their fresh confidences."""
-        count = self._count(self._masked())
+        count = step_count(self.plan, self._masked().numel(), self.block_step)
         candidates = self._candidates()
         choice = self._propose(candidates, logits_of, start)
         self.indicator[candidates - start] = choice.confidence

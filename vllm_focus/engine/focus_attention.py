@@ -30,6 +30,7 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
+from vllm_focus.policy import top_indices
 from vllm_focus.settings import FocusPlan
 
 NAME = "FOCUS"
@@ -49,7 +50,6 @@ class FocusBatch:
 
     plans: list[FocusPlan | None]  # None: this request attends densely in every layer
     prompt_lens: list[int]
-    kept_blocks: list[int]
     focus_rows: torch.Tensor  # [nF] int64, batch rows of the focus queries F
     focus_req: torch.Tensor  # [nF] int32, their request
     sinks: list[torch.Tensor | None] = field(default_factory=list)
@@ -165,11 +165,6 @@ def _all_reduce(scores: torch.Tensor) -> torch.Tensor:
     if get_tensor_model_parallel_world_size() == 1:
         return scores
     return tensor_model_parallel_all_reduce(scores.contiguous())
-
-
-def _top(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices of the `count` highest scores; ties go to the lower index."""
-    return torch.sort(scores, descending=True, stable=True).indices[:count]
 
 
 def split_kv_cache(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -320,7 +315,10 @@ class FocusAttentionImpl(AttentionImpl):
             scores = _all_reduce(scores)
             for r in group:
                 prompt_len = batch.prompt_lens[r]
-                blocks = _top(scores[r, : -(-prompt_len // size)], batch.kept_blocks[r])
+                plan = batch.plans[r]
+                blocks = top_indices(
+                    scores[r, : plan.prompt_blocks(prompt_len)], plan.kept_blocks(prompt_len)
+                )
                 offsets = torch.arange(size, device=q.device)
                 positions = (blocks[:, None] * size + offsets[None, :]).flatten()
                 kept[r] = positions[positions < prompt_len]
@@ -349,4 +347,6 @@ class FocusAttentionImpl(AttentionImpl):
         )
         scores = _all_reduce(scores)
         for r in wanted:
-            batch.sinks[r] = _top(scores[r, : batch.prompt_lens[r]], batch.plans[r].num_sinks)
+            batch.sinks[r] = top_indices(
+                scores[r, : batch.prompt_lens[r]], batch.plans[r].num_sinks
+            )

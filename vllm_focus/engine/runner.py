@@ -155,12 +155,9 @@ class DiffusionRunnerMixin:
                 rows.append(local + offset)
                 owners.append(torch.full_like(local, r))
             offset += query.numel()
-        plans = [None if s.focus_step is None else s.focus for s in states]
-        prompt_lens = [s.prompt_len for s in states]
         return FocusBatch(
-            plans=plans,
-            prompt_lens=prompt_lens,
-            kept_blocks=[0 if p is None else p.kept_blocks(n) for p, n in zip(plans, prompt_lens)],
+            plans=[None if s.focus_step is None else s.focus for s in states],
+            prompt_lens=[s.prompt_len for s in states],
             focus_rows=torch.cat(rows).to(device),
             focus_req=torch.cat(owners).to(torch.int32).to(device),
         )

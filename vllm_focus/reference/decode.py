@@ -22,11 +22,11 @@ import torch
 
 from vllm_focus.policy import (
     FocusStep,
-    dream_step_count,
     focus_step,
-    llada_step_counts,
     propose,
+    recomputed_end,
     select,
+    step_count,
 )
 from vllm_focus.reference.model import FocusForward, KVCache, ReferenceModel
 from vllm_focus.settings import DecodePlan, DiffusionSettings
@@ -69,7 +69,6 @@ class RequestDecoder:
     def _decode_block(self, block: int) -> None:
         plan = self.plan
         start, end = self._block_range(block)
-        counts = llada_step_counts(plan.block_length, plan.steps_per_block)
         focus = plan.focus
         if focus is not None and not focus.applies(self.prompt_len, plan.cache):
             focus = None
@@ -78,12 +77,7 @@ class RequestDecoder:
         i = 0
         while self._masked(start, end).numel() and (plan.threshold or i < plan.steps_per_block):
             masked = self._masked(start, end)
-            count = None
-            if plan.threshold is None:
-                if plan.schedule == "llada":
-                    count = counts[i]
-                else:
-                    count = dream_step_count(masked.numel(), i, plan.steps_per_block)
+            count = step_count(plan, masked.numel(), i)
             candidates = masked
             if focus is not None and i > 0:
                 step = focus_step(
@@ -156,7 +150,7 @@ class RequestDecoder:
             first = 0 if (plan.refresh == "block" or block == 0) else start - plan.block_length
             query, cache = torch.arange(first, total), self.cache
         else:
-            query = torch.arange(start, end if plan.cache == "dual" else total)
+            query = torch.arange(start, recomputed_end(plan, start, total))
             cache = self.cache
         logits, fresh = self.model.forward(self.x, query, cache)
         if plan.cache != "none":
@@ -175,7 +169,7 @@ class RequestDecoder:
         plan, total, focus = self.plan, self.x.numel(), self.plan.focus
         start, end = self._block_range(block)
         query = step.query
-        fresh = (query >= start) & (query < (end if plan.cache == "dual" else total))
+        fresh = (query >= start) & (query < recomputed_end(plan, start, total))
         spec = FocusForward(
             prompt_len=self.prompt_len,
             focus_rows=torch.searchsorted(query, step.focus),

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from vllm_focus.policy import top_indices
+
 
 @dataclass
 class ReferenceConfig:
@@ -269,15 +271,10 @@ def _attention(
     return torch.einsum("hqk,khd->qhd", probs, values), probs
 
 
-def _top(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices of the `count` highest scores; ties go to the lower index."""
-    return torch.sort(scores, descending=True, stable=True).indices[:count]
-
-
 def _sinks(probs: torch.Tensor, focus: FocusForward) -> torch.Tensor:
     """The prompt keys receiving the most attention mass from the step's queries."""
     mass = probs[:, :, : focus.prompt_len].sum((0, 1))
-    return _top(mass, focus.num_sinks)
+    return top_indices(mass, focus.num_sinks)
 
 
 def _focus_keys(
@@ -294,7 +291,7 @@ def _focus_keys(
         representative = representative.repeat_interleave(group, dim=0)  # [H, D]
         scores.append((queries * representative).sum() / math.sqrt(q.shape[-1]))
     allowed = torch.zeros(total, dtype=torch.bool)
-    for block in _top(torch.stack(scores), focus.kept_blocks).tolist():
+    for block in top_indices(torch.stack(scores), focus.kept_blocks).tolist():
         allowed[block * size : min((block + 1) * size, length)] = True
     allowed[sinks] = True
     allowed[length:] = True
