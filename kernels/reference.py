@@ -32,23 +32,42 @@ def sparse_paged_attention_ref(
     One request at a time, its query tokens in chunks of `query_chunk`, through torch's
     scaled_dot_product_attention on the gathered keys.
     """
-    group = q.shape[1] // key_cache.shape[2]
     result = torch.empty_like(q) if out is None else out
     for req in torch.unique(query_req).tolist():
         tokens = torch.nonzero(query_req == req).flatten()
         positions = key_positions[cu_seqlens_k[req] : cu_seqlens_k[req + 1]].long()
-        keys = _gather(key_cache, block_table, req, positions)  # [n, Hkv, D]
-        values = _gather(value_cache, block_table, req, positions)
-        for chunk in tokens.split(query_chunk):
-            # [1, heads, t, D] over [1, kv_heads, n, D]; query head h reads KV head h // group.
-            attended = torch.nn.functional.scaled_dot_product_attention(
-                q[chunk].float().transpose(0, 1)[None],
-                keys.transpose(0, 1)[None],
-                values.transpose(0, 1)[None],
-                scale=scale,
-                enable_gqa=group > 1,
-            )
-            result[chunk] = attended[0].transpose(0, 1).to(result.dtype)
+        attended = attend_gathered(
+            q[tokens], key_cache, value_cache, block_table, req, positions, scale, query_chunk
+        )
+        result[tokens] = attended.to(result.dtype)
+    return result
+
+
+def attend_gathered(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    req: int,
+    positions: torch.Tensor,
+    scale: float,
+    query_chunk: int = 512,
+) -> torch.Tensor:
+    """Attention (float32) of one request's query tokens q [t, H, D] over its key `positions`."""
+    group = q.shape[1] // key_cache.shape[2]
+    keys = _gather(key_cache, block_table, req, positions)  # [n, Hkv, D]
+    values = _gather(value_cache, block_table, req, positions)
+    result = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    for chunk in torch.arange(q.shape[0], device=q.device).split(query_chunk):
+        # [1, heads, t, D] over [1, kv_heads, n, D]; query head h reads KV head h // group.
+        attended = torch.nn.functional.scaled_dot_product_attention(
+            q[chunk].float().transpose(0, 1)[None],
+            keys.transpose(0, 1)[None],
+            values.transpose(0, 1)[None],
+            scale=scale,
+            enable_gqa=group > 1,
+        )
+        result[chunk] = attended[0].transpose(0, 1)
     return result
 
 

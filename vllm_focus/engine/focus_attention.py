@@ -139,20 +139,16 @@ class FocusAttentionBackend(AttentionBackend):
 
 
 def _kernels(device: torch.device):
-    """(attention, block scores, sink scores): Triton on CUDA, the torch twins elsewhere."""
+    """(block scores, sink scores): Triton on CUDA; on the CPU, block scores read the cache in
+    place (kernels/cpu.py) and sink scores come out of the attention pass (None here)."""
     if device.type == "cuda":
         from vllm_focus.kernels.block_scores import prompt_block_scores
         from vllm_focus.kernels.sink_scores import sink_scores
-        from vllm_focus.kernels.sparse_attention import sparse_paged_attention
 
-        return sparse_paged_attention, prompt_block_scores, sink_scores
-    from vllm_focus.kernels.reference import (
-        prompt_block_scores_ref,
-        sink_scores_ref,
-        sparse_paged_attention_ref,
-    )
+        return prompt_block_scores, sink_scores
+    from vllm_focus.kernels.cpu import prompt_block_scores_cpu
 
-    return sparse_paged_attention_ref, prompt_block_scores_ref, sink_scores_ref
+    return prompt_block_scores_cpu, None
 
 
 def _all_reduce(scores: torch.Tensor) -> torch.Tensor:
@@ -240,22 +236,43 @@ class FocusAttentionImpl(AttentionImpl):
         count = meta.num_actual_tokens
         q = query[:count]
         keys, values = split_kv_cache(kv_cache, self.head_size)
-        attention, block_scores, sink_scores = _kernels(q.device)
+        block_scores, sink_scores = _kernels(q.device)
         index = self._index(layer)
         key_positions, cu_k = self._key_sets(index, q, keys, meta, block_scores)
-        attention(
-            q,
-            keys,
-            values,
-            meta.block_table,
-            meta.query_req,
-            key_positions,
-            cu_k,
-            self.scale,
-            out=output[:count],
-        )
-        if meta.focus is not None:
-            self._find_sinks(index, q, keys, meta, sink_scores)
+        args = (q, keys, values, meta.block_table, meta.query_req, key_positions, cu_k, self.scale)
+        wanted = self._sink_requests(index, meta)
+        if q.device.type == "cuda":
+            from vllm_focus.kernels.sparse_attention import sparse_paged_attention
+
+            sparse_paged_attention(*args, out=output[:count])
+            if wanted:
+                lengths = torch.zeros(len(meta.focus.plans), dtype=torch.int32)
+                lengths[wanted] = torch.tensor([meta.focus.prompt_lens[r] for r in wanted])
+                scores = sink_scores(
+                    q,
+                    meta.query_start_loc,
+                    keys,
+                    meta.block_table,
+                    meta.seq_lens,
+                    lengths.to(q.device),
+                    self.scale,
+                )
+        else:
+            # The CPU path reads the cache in place; at the sink layer the same pass sums the
+            # softmax mass per prompt key (this layer attends every key: it is dense).
+            from vllm_focus.kernels.cpu import paged_attention_cpu
+
+            lengths = (
+                [
+                    meta.focus.prompt_lens[r] if r in wanted else 0
+                    for r in range(len(meta.focus.plans))
+                ]
+                if wanted
+                else None
+            )
+            _, scores = paged_attention_cpu(*args, out=output[:count], sink_prompt_lens=lengths)
+        if wanted:
+            self._keep_sinks(wanted, meta.focus, _all_reduce(scores))
         return output
 
     def _index(self, layer) -> int:
@@ -324,28 +341,20 @@ class FocusAttentionImpl(AttentionImpl):
                 kept[r] = positions[positions < prompt_len]
         return kept
 
-    def _find_sinks(self, index, q, keys, meta: FocusMetadata, sink_scores) -> None:
-        """At the last dense layer: each Focus request's sinks, for the deeper layers."""
-        batch = meta.focus
-        wanted = [
+    @staticmethod
+    def _sink_requests(index: int, meta: FocusMetadata) -> list[int]:
+        """The Focus requests whose last dense layer this is: their sinks are found here."""
+        if meta.focus is None:
+            return []
+        return [
             r
-            for r, plan in enumerate(batch.plans)
+            for r, plan in enumerate(meta.focus.plans)
             if plan is not None and index == plan.dense_layers - 1
         ]
-        if not wanted:
-            return
-        lengths = torch.zeros(len(batch.plans), dtype=torch.int32)
-        lengths[wanted] = torch.tensor([batch.prompt_lens[r] for r in wanted], dtype=torch.int32)
-        scores = sink_scores(
-            q,
-            meta.query_start_loc,
-            keys,
-            meta.block_table,
-            meta.seq_lens,
-            lengths.to(q.device),
-            self.scale,
-        )
-        scores = _all_reduce(scores)
+
+    @staticmethod
+    def _keep_sinks(wanted: list[int], batch: FocusBatch, scores: torch.Tensor) -> None:
+        """Each wanted request's top `num_sinks` prompt keys, for the deeper layers."""
         for r in wanted:
             batch.sinks[r] = top_indices(
                 scores[r, : batch.prompt_lens[r]], batch.plans[r].num_sinks

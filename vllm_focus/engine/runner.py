@@ -11,6 +11,7 @@ tokens, when a block completes, go back to the scheduler as the step's "sampled"
 
 from __future__ import annotations
 
+import time
 import zlib
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 from vllm_focus.engine.decoder import RequestState
 from vllm_focus.engine.focus_attention import FocusBatch, FocusMetadata, focus_selected
 from vllm_focus.engine.settings import resolve_plan, server_settings
+from vllm_focus.engine.stats import StepStats
 
 
 @dataclass
@@ -49,6 +51,7 @@ class DiffusionRunnerMixin:
         self._logits_shift = getattr(type(model), "logits_shift", 0)
         self._family = model.family
         self._focus = focus_selected(self.vllm_config)
+        self.diffusion_stats = StepStats()
 
     def _add_diffusion_request(self, new_req) -> None:
         params = new_req.sampling_params
@@ -80,15 +83,23 @@ class DiffusionRunnerMixin:
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output, intermediate_tensors=None) -> ModelRunnerOutput:
+        started = time.perf_counter()
         self._diffusion_init()
         self._update_diffusion_requests(scheduler_output)
         req_ids = [r for r in scheduler_output.num_scheduled_tokens if r in self._diffusion_states]
         if not req_ids:
             return EMPTY_MODEL_RUNNER_OUTPUT
         states = [self._diffusion_states[r] for r in req_ids]
+        refresh = any(state.is_refresh or state.plan.cache == "none" for state in states)
         queries = [state.query() for state in states]
+        model_started = time.perf_counter()
         hidden = self._forward(req_ids, states, queries)
-        sampled = self._decode(states, queries, hidden)
+        sources, logits = self._logits(states, queries, hidden)
+        model_s = time.perf_counter() - model_started
+        sampled = self._consume(states, sources, logits)
+        self.diffusion_stats.record(
+            refresh, model_s, time.perf_counter() - started, sum(q.numel() for q in queries)
+        )
         return ModelRunnerOutput(
             req_ids=req_ids,
             req_id_to_index={r: i for i, r in enumerate(req_ids)},
@@ -174,8 +185,9 @@ class DiffusionRunnerMixin:
                 )
         return groups
 
-    def _decode(self, states, queries, hidden) -> list[list[int]]:
-        """Logits for the rows each request reads, then one denoising step per request."""
+    def _logits(self, states, queries, hidden) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Per request the positions whose logits it reads, and those logits (on the host:
+        the copy waits for the device, so the model's time ends here)."""
         offsets, rows, per_request = 0, [], []
         for state, query in zip(states, queries):
             sources = state.logit_sources(query)
@@ -183,7 +195,11 @@ class DiffusionRunnerMixin:
             rows.append(torch.searchsorted(query, sources) + offsets)
             offsets += query.numel()
         index = torch.cat(rows).to(hidden.device)
-        logits = self.get_model().compute_logits(hidden[index]).float().cpu()
+        return per_request, self.get_model().compute_logits(hidden[index]).float().cpu()
+
+    @staticmethod
+    def _consume(states, per_request, logits) -> list[list[int]]:
+        """One denoising step per request; returns each one's committed tokens."""
         sampled, start = [], 0
         for state, sources in zip(states, per_request):
             count = sources.numel()

@@ -35,3 +35,14 @@ class DiffusionWorker(_PlatformWorker):
                 "vllm-focus needs vLLM's V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER"
             )
         runner.__class__ = diffusion_runner_class(type(runner))
+
+    def diffusion_stats(self, reset: bool = False) -> dict:
+        """The runner's per-step timings (engine/stats.py); `reset` starts a new tally.
+        Called through `LLM.collective_rpc("diffusion_stats")`."""
+        from vllm_focus.engine.stats import StepStats
+
+        runner = self.model_runner
+        stats = getattr(runner, "diffusion_stats", None) or StepStats()
+        if reset:
+            runner.diffusion_stats = StepStats()
+        return stats.as_dict()

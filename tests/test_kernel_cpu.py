@@ -1,0 +1,107 @@
+"""The FOCUS backend's CPU path (kernels/cpu.py) against the torch twins: attention over any
+key set, shuffled and consecutive cache blocks, the gathered path for many queries, and the
+sink scores it returns from the same pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_focus.kernels import cpu
+from vllm_focus.kernels.reference import (
+    prompt_block_scores_ref,
+    sink_scores_ref,
+    sparse_paged_attention_ref,
+)
+from vllm_focus.testing.paged import BLOCK_SIZE, HEAD_DIM, paged_case, rel_rms
+
+LAYOUTS = [(4, 4), (7, 1), (6, 2)]
+RAGGED = [([1], [1]), ([63, 200, 15], [3, 1, 15]), ([1000], [2])]
+
+
+def _consecutive(case: dict, seq_lens: list[int]) -> dict:
+    """The same case with each request's blocks at consecutive physical ids (a view, no copy)."""
+    table = torch.zeros_like(case["block_table"])
+    used = 0
+    for r, n in enumerate(seq_lens):
+        count = -(-n // BLOCK_SIZE)
+        table[r, :count] = torch.arange(used, used + count, dtype=table.dtype)
+        used += count
+    return {**case, "block_table": table}
+
+
+@pytest.mark.parametrize("num_heads, num_kv_heads", LAYOUTS)
+@pytest.mark.parametrize("seq_lens, num_queries", RAGGED, ids=["len1", "ragged", "long"])
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("layout", ["shuffled", "consecutive"])
+def test_attention_matches_twin(num_heads, num_kv_heads, seq_lens, num_queries, density, layout):
+    case = paged_case(seq_lens, num_queries, num_heads, num_kv_heads, density, seed=len(seq_lens))
+    if layout == "consecutive":
+        case = _consecutive(case, seq_lens)
+    scale = HEAD_DIM**-0.5
+    got, sinks = cpu.paged_attention_cpu(**case, scale=scale)
+    assert sinks is None
+    assert rel_rms(got, sparse_paged_attention_ref(**case, scale=scale)) < 1e-5
+
+
+def test_many_queries_and_small_chunks(monkeypatch):
+    """More queries than FEW_QUERIES take the gathered path; a tiny MAX_SCORES splits the
+    in-place path into chunks of one query token. Both equal the twin."""
+    seq_lens, num_queries = [300, 40], [290, 5]
+    case = paged_case(seq_lens, num_queries, 6, 2, 0.5, seed=5)
+    scale = HEAD_DIM**-0.5
+    want = sparse_paged_attention_ref(**case, scale=scale)
+    monkeypatch.setattr(cpu, "FEW_QUERIES", 8)
+    assert rel_rms(cpu.paged_attention_cpu(**case, scale=scale)[0], want) < 1e-5
+    monkeypatch.setattr(cpu, "FEW_QUERIES", 10_000)
+    monkeypatch.setattr(cpu, "MAX_SCORES", 1)
+    assert rel_rms(cpu.paged_attention_cpu(**case, scale=scale)[0], want) < 1e-5
+
+
+@pytest.mark.parametrize("num_heads, num_kv_heads", LAYOUTS)
+def test_sink_scores_from_the_attention_pass(num_heads, num_kv_heads):
+    seq_lens, num_queries, prompt_lens = [63, 200, 15], [3, 1, 15], [40, 199, 1]
+    case = paged_case(seq_lens, num_queries, num_heads, num_kv_heads, 1.0, seed=11)
+    scale = HEAD_DIM**-0.5
+    wanted = [40, 0, 1]  # request 1 does not ask for sinks
+    _, got = cpu.paged_attention_cpu(**case, scale=scale, sink_prompt_lens=wanted)
+    cu = torch.zeros(len(num_queries) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(num_queries), 0)
+    want = sink_scores_ref(
+        case["q"],
+        cu,
+        case["key_cache"],
+        case["block_table"],
+        torch.tensor(seq_lens, dtype=torch.int32),
+        torch.tensor(prompt_lens, dtype=torch.int32),
+        scale,
+    )
+    assert got.shape == (3, 40)
+    for r, length in enumerate(wanted):
+        assert torch.isinf(got[r, length:]).all()
+        if length:
+            assert rel_rms(got[r, :length], want[r, :length]) < 1e-5
+
+
+@pytest.mark.parametrize("num_heads, num_kv_heads", LAYOUTS)
+@pytest.mark.parametrize("layout", ["shuffled", "consecutive"])
+def test_block_scores_match_twin(num_heads, num_kv_heads, layout):
+    seq_lens, prompt_lens = [63, 200, 15, 90], [40, 199, 1, 0]
+    case = paged_case(seq_lens, [3, 1, 2, 1], num_heads, num_kv_heads, 1.0, seed=7)
+    if layout == "consecutive":
+        case = _consecutive(case, seq_lens)
+    args = dict(
+        q=case["q"],
+        query_req=case["query_req"],
+        key_cache=case["key_cache"],
+        block_table=case["block_table"],
+        prompt_lens=torch.tensor(prompt_lens, dtype=torch.int32),
+        prompt_block_size=24,  # not a multiple of the cache block: blocks straddle them
+        scale=HEAD_DIM**-0.5,
+    )
+    got = cpu.prompt_block_scores_cpu(**args)
+    want = prompt_block_scores_ref(**args)
+    assert got.shape == want.shape
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    finite = torch.isfinite(want)
+    assert rel_rms(got[finite], want[finite]) < 1e-5

@@ -1,0 +1,52 @@
+"""Where the diffusion runner's time goes, step by step (read by benchmarks and metrics).
+
+Every engine step the runner records one `StepRecord`: whether it was a refresh step (some
+request computed its whole recomputed range: a block start, or every step of cache `none`) or
+a within-block step, the seconds spent in the model (the forward and the logits, up to the
+copy of the logits to the host, which waits for the device) and in the whole `execute_model`
+call, and how many positions it computed. `DiffusionWorker.diffusion_stats()` returns them to
+the engine's caller (`LLM.collective_rpc("diffusion_stats")`); what lies outside
+`execute_model` (scheduler, inter-process queues, output processing) is the caller's wall time
+minus `runner_s`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+# A bounded log: a long-running server keeps the totals, not every step.
+MAX_RECORDS = 65536
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    refresh: bool
+    model_s: float
+    runner_s: float
+    query_tokens: int
+
+
+@dataclass
+class StepStats:
+    steps: int = 0
+    refresh_steps: int = 0
+    refresh_model_s: float = 0.0
+    block_model_s: float = 0.0
+    runner_s: float = 0.0
+    query_tokens: int = 0
+    records: list[StepRecord] = field(default_factory=list)
+
+    def record(self, refresh: bool, model_s: float, runner_s: float, query_tokens: int) -> None:
+        self.steps += 1
+        self.refresh_steps += refresh
+        if refresh:
+            self.refresh_model_s += model_s
+        else:
+            self.block_model_s += model_s
+        self.runner_s += runner_s
+        self.query_tokens += query_tokens
+        if len(self.records) < MAX_RECORDS:
+            self.records.append(StepRecord(refresh, model_s, runner_s, query_tokens))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
