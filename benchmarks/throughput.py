@@ -44,13 +44,14 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 
-# Scaled-down checkpoints that keep the published head layouts (head dim 64, few layers).
+# Scaled-down checkpoints that keep the published head layouts at head dim 64: LLaDA-8B's MHA
+# (32 query = 32 KV heads, here 4 = 4) and Dream-7B's GQA 7:1 (28 / 4, here 7 / 1).
 MODELS = {
     "llada-mha": dict(
-        arch="llada", num_heads=8, num_kv_heads=8, hidden_size=512, intermediate_size=1536
+        arch="llada", num_heads=4, num_kv_heads=4, hidden_size=256, intermediate_size=768
     ),
     "dream-gqa7": dict(
-        arch="dream", num_heads=14, num_kv_heads=2, hidden_size=896, intermediate_size=1536
+        arch="dream", num_heads=7, num_kv_heads=1, hidden_size=448, intermediate_size=1216
     ),
 }
 
@@ -362,7 +363,7 @@ def main() -> None:
     parser.add_argument(
         "--vanilla-max-len",
         type=int,
-        default=2048,
+        default=1024,
         help="longer prompts run vanilla one step per block and extrapolate",
     )
     parser.add_argument("--out", default=str(RESULTS / "throughput.json"))

@@ -103,40 +103,31 @@ def paged_attention_cpu(
     return result, sinks
 
 
-def prompt_block_scores_cpu(
-    q: torch.Tensor,
-    query_req: torch.Tensor,
+def prompt_block_means(
     key_cache: torch.Tensor,
     block_table: torch.Tensor,
-    prompt_lens: torch.Tensor,
+    req: int,
+    prompt_len: int,
     prompt_block_size: int,
-    scale: float,
 ) -> torch.Tensor:
-    """`prompt_block_scores_ref`'s arguments and result, reading the prompt keys in place.
+    """[prompt blocks, kv_heads, head_dim] float32: the mean prompt key of each block of
+    `prompt_block_size` positions (the last one partial), read in place from the cache."""
+    block_size = key_cache.shape[1]
+    count = -(-prompt_len // block_size)
+    keys = _request_blocks(key_cache, block_table[req, :count].long())  # [u, Hkv, bs, D]
+    rows = keys.transpose(1, 2).reshape(count * block_size, keys.shape[1], keys.shape[3])
+    rows = rows[:prompt_len].float()  # [P, Hkv, D]
+    num_blocks = -(-prompt_len // prompt_block_size)
+    block_of = torch.arange(prompt_len, device=rows.device) // prompt_block_size
+    sums = torch.zeros(num_blocks, *rows.shape[1:], device=rows.device)
+    sums.index_add_(0, block_of, rows)
+    counts = torch.bincount(block_of, minlength=num_blocks).float()
+    return sums / counts[:, None, None]
 
-    A block's score is sum over the queries and heads of q . (mean key of the block), which
-    by linearity is the block mean of each key's score against the head- and query-summed
-    queries: one pass over the keys, no gathered copy.
-    """
-    num_heads, head_dim = q.shape[1], q.shape[2]
-    num_kv_heads, block_size = key_cache.shape[2], key_cache.shape[1]
-    group = num_heads // num_kv_heads
-    lengths = prompt_lens.tolist()
-    max_blocks = max(1, -(-max(lengths) // prompt_block_size)) if lengths else 0
-    scores = torch.full((len(lengths), max_blocks), float("-inf"), device=q.device)
-    for req, length in enumerate(lengths):
-        if length == 0:
-            continue
-        queries = q[query_req.long() == req].float()  # [t, H, D]
-        # [Hkv, D, 1]: the queries summed over tokens and over the heads sharing a KV head.
-        summed = queries.sum(0).reshape(num_kv_heads, group, head_dim).sum(1)[..., None]
-        count = -(-length // block_size)
-        physical = block_table[req, :count].long()
-        keys = _request_blocks(key_cache, physical)  # [u, Hkv, bs, D]
-        per_key = torch.matmul(keys.float(), summed).sum(1).flatten()[:length]  # [length]
-        num_blocks = -(-length // prompt_block_size)
-        block_of = torch.arange(length, device=q.device) // prompt_block_size
-        sums = torch.zeros(num_blocks, device=q.device).index_add_(0, block_of, per_key)
-        counts = torch.bincount(block_of, minlength=num_blocks).float()
-        scores[req, :num_blocks] = sums / counts * scale
-    return scores
+
+def block_scores_from_means(q: torch.Tensor, means: torch.Tensor, scale: float) -> torch.Tensor:
+    """[prompt blocks] float32: sum over the query tokens q [t, H, D] and heads of q . the
+    block's mean key (query head h reads KV head h // group), as `prompt_block_scores_ref`."""
+    num_kv_heads, head_dim = means.shape[1], means.shape[2]
+    summed = q.float().sum(0).reshape(num_kv_heads, -1, head_dim).sum(1)  # [Hkv, D]
+    return torch.einsum("bkd,kd->b", means, summed) * scale

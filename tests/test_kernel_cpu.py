@@ -85,23 +85,23 @@ def test_sink_scores_from_the_attention_pass(num_heads, num_kv_heads):
 
 @pytest.mark.parametrize("num_heads, num_kv_heads", LAYOUTS)
 @pytest.mark.parametrize("layout", ["shuffled", "consecutive"])
-def test_block_scores_match_twin(num_heads, num_kv_heads, layout):
-    seq_lens, prompt_lens = [63, 200, 15, 90], [40, 199, 1, 0]
-    case = paged_case(seq_lens, [3, 1, 2, 1], num_heads, num_kv_heads, 1.0, seed=7)
+def test_block_scores_from_means_match_twin(num_heads, num_kv_heads, layout):
+    seq_lens, num_queries, prompt_lens = [63, 200, 15], [3, 1, 2], [40, 199, 1]
+    case = paged_case(seq_lens, num_queries, num_heads, num_kv_heads, 1.0, seed=7)
     if layout == "consecutive":
         case = _consecutive(case, seq_lens)
-    args = dict(
-        q=case["q"],
-        query_req=case["query_req"],
-        key_cache=case["key_cache"],
-        block_table=case["block_table"],
-        prompt_lens=torch.tensor(prompt_lens, dtype=torch.int32),
-        prompt_block_size=24,  # not a multiple of the cache block: blocks straddle them
-        scale=HEAD_DIM**-0.5,
+    scale, size = HEAD_DIM**-0.5, 24  # prompt blocks straddle cache blocks of 16
+    want = prompt_block_scores_ref(
+        case["q"],
+        case["query_req"],
+        case["key_cache"],
+        case["block_table"],
+        torch.tensor(prompt_lens, dtype=torch.int32),
+        size,
+        scale,
     )
-    got = cpu.prompt_block_scores_cpu(**args)
-    want = prompt_block_scores_ref(**args)
-    assert got.shape == want.shape
-    assert torch.equal(torch.isinf(got), torch.isinf(want))
-    finite = torch.isfinite(want)
-    assert rel_rms(got[finite], want[finite]) < 1e-5
+    for req, length in enumerate(prompt_lens):
+        means = cpu.prompt_block_means(case["key_cache"], case["block_table"], req, length, size)
+        assert means.shape == (-(-length // size), num_kv_heads, HEAD_DIM)
+        got = cpu.block_scores_from_means(case["q"][case["query_req"] == req], means, scale)
+        assert rel_rms(got, want[req, : means.shape[0]]) < 1e-5

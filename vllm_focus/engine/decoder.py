@@ -45,6 +45,7 @@ class RequestState:
         # Past-confidence indicator (Focus): per block offset, the last confidence computed.
         self.indicator = torch.full((plan.block_length,), float("-inf"), dtype=torch.float64)
         self.focus_step: FocusStep | None = None  # this step's F, candidates and query
+        self.prompt_version = 0  # bumped by the runner at each step that writes prompt K/V
 
     @property
     def total_len(self) -> int:

@@ -52,6 +52,9 @@ class FocusBatch:
     prompt_lens: list[int]
     focus_rows: torch.Tensor  # [nF] int64, batch rows of the focus queries F
     focus_req: torch.Tensor  # [nF] int32, their request
+    # Per request: (request id, version of its prompt K/V), the version bumped by every step
+    # that writes prompt positions; the CPU path caches block means under it.
+    prompt_keys: list[tuple[str, int]] = field(default_factory=list)
     sinks: list[torch.Tensor | None] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -139,16 +142,15 @@ class FocusAttentionBackend(AttentionBackend):
 
 
 def _kernels(device: torch.device):
-    """(block scores, sink scores): Triton on CUDA; on the CPU, block scores read the cache in
-    place (kernels/cpu.py) and sink scores come out of the attention pass (None here)."""
+    """(block scores, sink scores): the Triton kernels on CUDA; None on the CPU, whose path
+    (kernels/cpu.py) scores blocks by cached block means and takes the sink scores from the
+    sink layer's attention pass."""
     if device.type == "cuda":
         from vllm_focus.kernels.block_scores import prompt_block_scores
         from vllm_focus.kernels.sink_scores import sink_scores
 
         return prompt_block_scores, sink_scores
-    from vllm_focus.kernels.cpu import prompt_block_scores_cpu
-
-    return prompt_block_scores_cpu, None
+    return None, None
 
 
 def _all_reduce(scores: torch.Tensor) -> torch.Tensor:
@@ -203,6 +205,8 @@ class FocusAttentionImpl(AttentionImpl):
         self.num_kv_heads = num_kv_heads or num_heads
         self.kv_sharing_target_layer_name = None
         self._layer_index: int | None = None
+        # CPU path: request id -> (prompt K/V version, prompt block size, block means).
+        self._block_means: dict[str, tuple[int, int, torch.Tensor]] = {}
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         """Write the K/V of the tokens whose slot is >= 0 (Focus leaves some unwritten)."""
@@ -313,14 +317,32 @@ class FocusAttentionImpl(AttentionImpl):
     def _kept_prompt(self, sparse, q, keys, meta: FocusMetadata, block_scores):
         """Prompt positions of the top blocks of each sparse request, by F's block scores."""
         batch = meta.focus
+        if block_scores is None:
+            scores = self._scores_from_means(sparse, q, keys, meta)
+        else:
+            scores = self._scores_from_kernel(sparse, q, keys, meta, block_scores)
         kept: dict[int, torch.Tensor] = {}
-        sizes = sorted({batch.plans[r].prompt_block_size for r in sparse})
-        for size in sizes:
+        for r in sparse:
+            prompt_len, plan = batch.prompt_lens[r], batch.plans[r]
+            size = plan.prompt_block_size
+            blocks = top_indices(
+                scores[r][: plan.prompt_blocks(prompt_len)], plan.kept_blocks(prompt_len)
+            )
+            offsets = torch.arange(size, device=q.device)
+            positions = (blocks[:, None] * size + offsets[None, :]).flatten()
+            kept[r] = positions[positions < prompt_len]
+        return kept
+
+    def _scores_from_kernel(self, sparse, q, keys, meta, block_scores) -> dict:
+        """Block scores by the kernel, one launch per prompt block size, all-reduced."""
+        batch = meta.focus
+        scores = {}
+        for size in sorted({batch.plans[r].prompt_block_size for r in sparse}):
             group = [r for r in sparse if batch.plans[r].prompt_block_size == size]
             lengths = torch.zeros(len(batch.plans), dtype=torch.int32)
             lengths[group] = torch.tensor([batch.prompt_lens[r] for r in group], dtype=torch.int32)
             rows = torch.isin(batch.focus_req, torch.tensor(group, device=q.device))
-            scores = block_scores(
+            table = block_scores(
                 q[batch.focus_rows[rows]],
                 batch.focus_req[rows],
                 keys,
@@ -329,17 +351,30 @@ class FocusAttentionImpl(AttentionImpl):
                 size,
                 self.scale,
             )
-            scores = _all_reduce(scores)
-            for r in group:
-                prompt_len = batch.prompt_lens[r]
-                plan = batch.plans[r]
-                blocks = top_indices(
-                    scores[r, : plan.prompt_blocks(prompt_len)], plan.kept_blocks(prompt_len)
-                )
-                offsets = torch.arange(size, device=q.device)
-                positions = (blocks[:, None] * size + offsets[None, :]).flatten()
-                kept[r] = positions[positions < prompt_len]
-        return kept
+            table = _all_reduce(table)
+            scores.update({r: table[r] for r in group})
+        return scores
+
+    def _scores_from_means(self, sparse, q, keys, meta) -> dict:
+        """Block scores from each request's block means, computed once per version of its
+        prompt K/V (a within-block step leaves the prompt's K/V as they are), all-reduced."""
+        from vllm_focus.kernels.cpu import block_scores_from_means, prompt_block_means
+
+        batch = meta.focus
+        live = {req_id for req_id, _ in batch.prompt_keys}
+        for req_id in [k for k in self._block_means if k not in live]:
+            del self._block_means[req_id]  # finished requests
+        scores = {}
+        for r in sparse:
+            req_id, version = batch.prompt_keys[r]
+            size = batch.plans[r].prompt_block_size
+            cached = self._block_means.get(req_id)
+            if cached is None or cached[:2] != (version, size):
+                means = prompt_block_means(keys, meta.block_table, r, batch.prompt_lens[r], size)
+                cached = self._block_means[req_id] = (version, size, means)
+            rows = batch.focus_rows[batch.focus_req == r]
+            scores[r] = _all_reduce(block_scores_from_means(q[rows], cached[2], self.scale))
+        return scores
 
     @staticmethod
     def _sink_requests(index: int, meta: FocusMetadata) -> list[int]:

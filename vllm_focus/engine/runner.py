@@ -114,7 +114,10 @@ class DiffusionRunnerMixin:
         slots = []
         for req_id, state, query in zip(req_ids, states, queries):
             slot = self._diffusion_slots[req_id].of(query)
-            slots.append(torch.where(state.fresh(query), slot, -1))
+            fresh = state.fresh(query)
+            slots.append(torch.where(fresh, slot, -1))
+            if bool((query[fresh] < state.prompt_len).any()):
+                state.prompt_version += 1  # this step rewrites prompt K/V
         slots = torch.cat(slots)
         lengths = torch.tensor([q.numel() for q in queries], dtype=torch.int32)
         query_start_loc = torch.zeros(len(queries) + 1, dtype=torch.int32)
@@ -141,7 +144,7 @@ class DiffusionRunnerMixin:
             seq_lens_cpu_upper_bound=seq_lens,
         )
         metadata, slot_mappings = {}, {}
-        focus = self._focus_batch(states, queries, device) if self._focus else None
+        focus = self._focus_batch(req_ids, states, queries, device) if self._focus else None
         for group in self._diffusion_attn_groups():
             built = group.get_metadata_builder().build(0, common)
             if isinstance(built, FocusMetadata):
@@ -155,7 +158,7 @@ class DiffusionRunnerMixin:
             return self.model(input_ids=input_ids.to(device), positions=positions.to(device))
 
     @staticmethod
-    def _focus_batch(states, queries, device) -> FocusBatch | None:
+    def _focus_batch(req_ids, states, queries, device) -> FocusBatch | None:
         """What the FOCUS backend's layers need about this step's Focus requests."""
         if all(state.focus_step is None for state in states):
             return None
@@ -171,6 +174,7 @@ class DiffusionRunnerMixin:
             prompt_lens=[s.prompt_len for s in states],
             focus_rows=torch.cat(rows).to(device),
             focus_req=torch.cat(owners).to(torch.int32).to(device),
+            prompt_keys=[(r, s.prompt_version) for r, s in zip(req_ids, states)],
         )
 
     def _diffusion_attn_groups(self):

@@ -1,0 +1,270 @@
+"""One layer of one within-block step: Focus attention vs dense attention over the same cache.
+
+For each prompt length and head layout (LLaDA-8B 32/32x128, Dream-7B 28/4x128 on a GPU in
+bfloat16; on the CPU the benchmark models' 4/4x64 and 7/1x64 in float32, `--layouts`) and
+one request with G = 256 response tokens:
+
+- dense, Fast-dLLM `dual`: the block's B = 32 queries over all P + G keys (torch SDPA on
+  contiguous K/V: the fastest dense attention torch offers, no paging);
+- focus: |A| = 3 queries over the kept keys (keep_ratio of the prompt in blocks of 64, 16
+  sinks, the response) on the paged cache, plus the block scoring of |F| = 1 focus query;
+- also: |A| queries over all keys (a dense layer of Focus) and the sink scoring (once per
+  step, at the last dense layer).
+
+The Focus path is the one the FOCUS backend runs: the Triton kernels on CUDA; on the CPU the
+in-place torch path (kernels/cpu.py), where block scores come from block means computed once
+per refresh (reported separately; a within-block step only reads them) and the sink scores
+from the dense layer's own attention pass. Prints a table and the dual/focus ratio; `--out`
+writes JSON. `--device interpret` runs the Triton kernels through Triton's interpreter on the
+CPU at small sizes (a smoke test of the kernel path, not a timing).
+
+    python benchmarks/attention_layer.py                   # cuda: 8K, 16K, 32K
+    python benchmarks/attention_layer.py --device cpu      # 1K .. 16K
+    TRITON_INTERPRET=1 python benchmarks/attention_layer.py --device interpret --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+from tqdm import tqdm
+
+from vllm_focus.testing.paged import rel_rms
+
+# (query heads, KV heads, head dim)
+LAYOUTS = {
+    "llada-8b": (32, 32, 128),
+    "dream-7b": (28, 4, 128),
+    "llada-mha": (4, 4, 64),
+    "dream-gqa7": (7, 1, 64),
+}
+DEFAULTS = {
+    "cuda": (["llada-8b", "dream-7b"], [8192, 16384, 32768]),
+    "cpu": (["llada-mha", "dream-gqa7"], [1024, 2048, 4096, 8192, 16384]),
+    "interpret": (["llada-mha", "dream-gqa7"], [512]),
+}
+CACHE_BLOCK = 16
+GEN = 256
+BLOCK_QUERIES = 32
+ACTIVE = 3
+PROMPT_BLOCK = 64
+SINKS = 16
+
+
+def _timed(fn, device: str, repeats: int) -> float:
+    """Median milliseconds of `fn()` after one warm-up call."""
+    fn()
+    samples = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def _paged(keys: torch.Tensor, values: torch.Tensor, generator: torch.Generator):
+    """Contiguous [T, Hkv, D] K/V laid into a paged cache (vLLM's per-layer view), its blocks
+    consecutive but for a few swapped pairs (a fresh request's blocks mostly are)."""
+    total, num_kv_heads, head_dim = keys.shape
+    num_blocks = -(-total // CACHE_BLOCK)
+    order = torch.arange(num_blocks)
+    swaps = torch.randint(0, num_blocks, (2, max(1, num_blocks // 64)), generator=generator)
+    for a, b in swaps.T.tolist():
+        order[[a, b]] = order[[b, a]]
+    order = order.to(keys.device)
+    cache = torch.zeros(
+        num_blocks, num_kv_heads, CACHE_BLOCK, 2 * head_dim, dtype=keys.dtype, device=keys.device
+    )
+    positions = torch.arange(total, device=keys.device)
+    blocks, rows = order[positions // CACHE_BLOCK], positions % CACHE_BLOCK
+    cache[blocks, :, rows, :head_dim] = keys
+    cache[blocks, :, rows, head_dim:] = values
+    key_cache = cache[..., :head_dim].transpose(1, 2)
+    value_cache = cache[..., head_dim:].transpose(1, 2)
+    return key_cache, value_cache, order.to(torch.int32)[None, :]
+
+
+def _kept_keys(prompt: int, keep_ratio: float, generator: torch.Generator) -> torch.Tensor:
+    """A Focus key set: random top blocks within keep_ratio, sinks, the response."""
+    num_blocks = -(-prompt // PROMPT_BLOCK)
+    kept = max(1, -(-int(keep_ratio * prompt) // PROMPT_BLOCK))
+    blocks = torch.randperm(num_blocks, generator=generator)[:kept]
+    positions = (blocks[:, None] * PROMPT_BLOCK + torch.arange(PROMPT_BLOCK)).flatten()
+    sinks = torch.randint(0, prompt, (SINKS,), generator=generator)
+    keys = torch.cat([positions[positions < prompt], sinks, torch.arange(prompt, prompt + GEN)])
+    return torch.unique(keys)
+
+
+def _focus_ops(device: str, scale: float):
+    """(attention, per-step block scoring, sink scoring, block means or None) as the FOCUS
+    backend runs them on `device`; each takes the argument dicts built in run_case."""
+    if device in ("cuda", "interpret"):
+        from vllm_focus.kernels.block_scores import prompt_block_scores
+        from vllm_focus.kernels.sink_scores import sink_scores
+        from vllm_focus.kernels.sparse_attention import sparse_paged_attention
+
+        return (
+            lambda a: sparse_paged_attention(**a),
+            lambda b, means: prompt_block_scores(**b),
+            lambda a, s: sink_scores(**s),
+            None,
+        )
+    from vllm_focus.kernels.cpu import (
+        block_scores_from_means,
+        paged_attention_cpu,
+        prompt_block_means,
+    )
+
+    def means(b):
+        return prompt_block_means(
+            b["key_cache"], b["block_table"], 0, int(b["prompt_lens"][0]), PROMPT_BLOCK
+        )
+
+    return (
+        lambda a: paged_attention_cpu(**a)[0],
+        lambda b, m: block_scores_from_means(b["q"], m, scale),
+        # The sink layer: dense attention that also sums the mass per prompt key.
+        lambda a, s: paged_attention_cpu(**a, sink_prompt_lens=s["prompt_lens"].tolist())[1],
+        means,
+    )
+
+
+def run_case(prompt: int, layout: str, device: str, keep_ratio: float, repeats: int) -> dict:
+    num_heads, num_kv_heads, head_dim = LAYOUTS[layout]
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    where = "cuda" if device == "cuda" else "cpu"
+    generator = torch.Generator().manual_seed(prompt)
+    total = prompt + GEN
+    keys = torch.randn(total, num_kv_heads, head_dim, generator=generator).to(where, dtype)
+    values = torch.randn(total, num_kv_heads, head_dim, generator=generator).to(where, dtype)
+    block_q = torch.randn(BLOCK_QUERIES, num_heads, head_dim, generator=generator)
+    block_q = block_q.to(where, dtype)
+    active_q = block_q[:ACTIVE].contiguous()
+    scale = head_dim**-0.5
+    key_cache, value_cache, block_table = _paged(keys, values, generator)
+    int32 = dict(dtype=torch.int32, device=where)
+
+    def sdpa(q: torch.Tensor):
+        # [1, H, Q, D] over [1, Hkv, T, D]; GQA expanded by SDPA itself.
+        return torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(0, 1)[None],
+            keys.transpose(0, 1)[None],
+            values.transpose(0, 1)[None],
+            scale=scale,
+            enable_gqa=num_heads != num_kv_heads,
+        )
+
+    selected = _kept_keys(prompt, keep_ratio, generator).to(torch.int32).to(where)
+    sparse_args = dict(
+        q=active_q,
+        key_cache=key_cache,
+        value_cache=value_cache,
+        block_table=block_table,
+        query_req=torch.zeros(ACTIVE, **int32),
+        key_positions=selected,
+        cu_seqlens_k=torch.tensor([0, selected.numel()], **int32),
+        scale=scale,
+    )
+    every = torch.arange(total, **int32)
+    dense_args = {
+        **sparse_args,
+        "key_positions": every,
+        "cu_seqlens_k": torch.tensor([0, total], **int32),
+    }
+    prompt_lens = torch.tensor([prompt], **int32)
+    block_args = dict(
+        q=active_q[:1],
+        query_req=torch.zeros(1, **int32),
+        key_cache=key_cache,
+        block_table=block_table,
+        prompt_lens=prompt_lens,
+        prompt_block_size=PROMPT_BLOCK,
+        scale=scale,
+    )
+    sink_args = dict(
+        q=active_q,
+        cu_seqlens_q=torch.tensor([0, ACTIVE], **int32),
+        key_cache=key_cache,
+        block_table=block_table,
+        seq_lens=torch.tensor([total], **int32),
+        prompt_lens=prompt_lens,
+        scale=scale,
+    )
+    attention, block_scores, sink_scores, block_means = _focus_ops(device, scale)
+    means = block_means(block_args) if block_means else None
+    # Correctness first: the Focus path's attention over every key is dense attention.
+    error = rel_rms(attention(dense_args).float(), sdpa(active_q)[0].transpose(0, 1).float())
+    row = {
+        "prompt": prompt,
+        "layout": layout,
+        "device": device,
+        "keys_kept": int(selected.numel()),
+        "keys_total": total,
+        "focus_vs_sdpa_rel_rms": error,
+        "dual_block_sdpa_ms": _timed(lambda: sdpa(block_q), where, repeats),
+        "active_sdpa_ms": _timed(lambda: sdpa(active_q), where, repeats),
+        "active_dense_ms": _timed(lambda: attention(dense_args), where, repeats),
+        "focus_attention_ms": _timed(lambda: attention(sparse_args), where, repeats),
+        "block_scores_ms": _timed(lambda: block_scores(block_args, means), where, repeats),
+        "sink_layer_ms": _timed(lambda: sink_scores(dense_args, sink_args), where, repeats),
+        "block_means_per_refresh_ms": (
+            _timed(lambda: block_means(block_args), where, repeats) if block_means else None
+        ),
+    }
+    row["focus_layer_ms"] = row["focus_attention_ms"] + row["block_scores_ms"]
+    row["dual_over_focus_layer"] = row["dual_block_sdpa_ms"] / row["focus_layer_ms"]
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu", "interpret"])
+    parser.add_argument("--lengths", type=int, nargs="+")
+    parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS))
+    parser.add_argument("--keep-ratio", type=float, default=0.1)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--out", help="write the rows as JSON here")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device; use --device cpu (torch path) or interpret (smoke run)")
+    if args.device == "interpret" and os.environ.get("TRITON_INTERPRET") != "1":
+        parser.error("--device interpret needs TRITON_INTERPRET=1 in the environment")
+    layouts, lengths = DEFAULTS[args.device]
+    cases = [(n, layout) for n in args.lengths or lengths for layout in args.layouts or layouts]
+    rows = [
+        run_case(n, layout, args.device, args.keep_ratio, args.repeats)
+        for n, layout in tqdm(cases, desc="attention layer")
+    ]
+    header = (
+        f"{'prompt':>7} {'layout':>10} {'kept/total':>12} {'dual B=32':>10} {'A sdpa':>8} "
+        f"{'A dense':>8} {'A focus':>8} {'blocks':>7} {'sinks':>7} {'dual/focus':>10} {'err':>8}"
+    )
+    print(header)
+    for r in rows:
+        print(
+            f"{r['prompt']:>7} {r['layout']:>10} {r['keys_kept']:>5}/{r['keys_total']:<6} "
+            f"{r['dual_block_sdpa_ms']:>10.3f} {r['active_sdpa_ms']:>8.3f} "
+            f"{r['active_dense_ms']:>8.3f} {r['focus_attention_ms']:>8.3f} "
+            f"{r['block_scores_ms']:>7.3f} {r['sink_layer_ms']:>7.3f} "
+            f"{r['dual_over_focus_layer']:>9.1f}x {r['focus_vs_sdpa_rel_rms']:>8.1e}"
+        )
+    print("ms per layer and step; dual/focus = dense dual attention (B=32 queries, SDPA) over a")
+    print("sparse Focus layer (|A| queries over the kept keys + block scoring); sinks: the sink")
+    print("layer (CPU: its dense attention with the sink sums; CUDA: the sink kernel alone)")
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump({"device": args.device, "rows": rows}, handle, indent=1)
+            handle.write("\n")
+
+
+if __name__ == "__main__":
+    main()
