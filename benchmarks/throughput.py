@@ -196,6 +196,11 @@ def make_engine(model_dir: Path, backend: str, max_len: int, kv_bytes: int):
     )
 
 
+def lengths_of(name: str, args) -> list[int]:
+    cap = args.max_prompt_len.get(name)
+    return [n for n in args.prompt_lens if cap is None or n <= cap]
+
+
 def kv_bytes_per_token(spec: dict, layers: int) -> int:
     head_dim = spec["hidden_size"] // spec["num_heads"]
     return layers * spec["num_kv_heads"] * head_dim * 2 * 4  # K and V, float32
@@ -207,7 +212,7 @@ def bench_model(name: str, args, progress) -> dict:
 
     spec = dict(MODELS[name])
     arch = spec.pop("arch")
-    max_len = max(args.prompt_lens) + args.gen
+    max_len = max(lengths_of(name, args)) + args.gen
     model_dir = write_tiny_checkpoint(
         Path(tempfile.gettempdir()) / f"bench-throughput-{name}-{args.layers}",
         arch,
@@ -226,7 +231,7 @@ def bench_model(name: str, args, progress) -> dict:
         run_one(llm, prompt_ids(args.block, 0, vocab), method, warmup, 2)
 
     rows = []
-    for prompt_len in args.prompt_lens:
+    for prompt_len in lengths_of(name, args):
         for p in range(args.num_prompts):
             prompt = prompt_ids(prompt_len, 1000 * prompt_len + p, vocab)
             outputs: dict[str, list[int] | None] = {}
@@ -366,6 +371,13 @@ def main() -> None:
         default=1024,
         help="longer prompts run vanilla one step per block and extrapolate",
     )
+    parser.add_argument(
+        "--max-prompt-len",
+        nargs="*",
+        default=["dream-gqa7=8192"],
+        metavar="MODEL=N",
+        help="per-model cap on the prompt lengths (time budget); none: every model all lengths",
+    )
     parser.add_argument("--out", default=str(RESULTS / "throughput.json"))
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args()
@@ -374,10 +386,17 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown --methods {unknown}; choose from {list(known)}")
     args.methods = [known[m] for m in args.methods]
+    try:
+        args.max_prompt_len = {
+            k: int(v) for k, v in (item.split("=", 1) for item in args.max_prompt_len)
+        }
+    except ValueError:
+        parser.error("--max-prompt-len takes MODEL=N items, e.g. dream-gqa7=8192")
 
     from tqdm import tqdm
 
-    total = len(args.models) * len(args.prompt_lens) * args.num_prompts * len(args.methods)
+    runs = sum(len(lengths_of(name, args)) for name in args.models)
+    total = runs * args.num_prompts * len(args.methods)
     started = time.time()
     models = []
     with tqdm(total=total, desc="throughput runs") as progress:
@@ -388,7 +407,13 @@ def main() -> None:
     print_table(entries)
     command = "python benchmarks/throughput.py " + " ".join(
         f"--{k.replace('_', '-')} "
-        + (" ".join(str(getattr(x, "name", x)) for x in v) if isinstance(v, list) else str(v))
+        + (
+            " ".join(str(getattr(x, "name", x)) for x in v)
+            if isinstance(v, list)
+            else " ".join(f"{a}={b}" for a, b in v.items())
+            if isinstance(v, dict)
+            else str(v)
+        )
         for k, v in vars(args).items()
         if k not in ("out", "no_plots")
     )
