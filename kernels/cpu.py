@@ -3,11 +3,13 @@
 The torch twins (reference.py) gather a request's keys row by row into a new tensor before
 attending. On a CPU, where a within-block step is bound by memory traffic, that strided copy
 plus the second read costs several times the attention itself. Here a step with few query
-tokens reads the request's cache blocks where they lie (a view when its physical blocks are
-consecutive, else one copy of the whole blocks it touches) and runs batched matmuls over
-(cache block, KV head) pairs; keys outside the request's set are masked to -inf. The same
-pass returns, when asked, the softmax mass each prompt key receives — the sink scores of
-Focus's last dense layer — so that layer's keys are read once, not twice.
+tokens reads the request's rows where they lie: vLLM's CPU cache puts a block's rows one
+after another ([blocks, block_size, kv_heads, K|V]), so when a request's blocks are
+consecutive its keys are one strided [positions, kv_heads, head_dim] range — a view for
+every position (a dense layer), a copy of only the kept rows for a sparse key set — and the
+attention is two matmuls per KV head. The same pass returns, when asked, the softmax mass
+each prompt key receives — the sink scores of Focus's last dense layer — so that layer's
+keys are read once, not twice.
 
 Requests with many query tokens (a block-start refresh) go through the twin's gather and
 torch's fused attention, which amortises the gather. Results equal the twins' (tests hold
@@ -18,22 +20,35 @@ from __future__ import annotations
 
 import torch
 
-from vllm_focus.kernels.reference import attend_gathered
+from vllm_focus.kernels.reference import _gather, attend_gathered
 
 # Above this many query tokens a request's attention goes through the gathered path.
 FEW_QUERIES = 256
-# Score elements (KV heads x query rows x keys) per chunk of query tokens.
+# Score elements (query heads x query tokens x keys) per chunk of query tokens.
 MAX_SCORES = 1 << 25
 
 
-def _request_blocks(cache: torch.Tensor, physical: torch.Tensor) -> torch.Tensor:
-    """[u, kv_heads, block_size, head_dim] for the physical blocks `physical` of a cache viewed
-    as [blocks, block_size, kv_heads, head_dim]; a view when the blocks are consecutive."""
-    by_head = cache.transpose(1, 2)
-    first, count = int(physical[0]), physical.numel()
-    if torch.equal(physical, torch.arange(first, first + count, device=physical.device)):
-        return by_head[first : first + count]
-    return by_head[physical]
+def request_keys(
+    cache: torch.Tensor, block_table: torch.Tensor, req: int, positions: torch.Tensor
+) -> torch.Tensor:
+    """[n, kv_heads, head_dim] rows of `positions` (any order) from a cache viewed as
+    [blocks, block_size, kv_heads, head_dim].
+
+    When the request's blocks up to the last position are consecutive in the cache (as a
+    fresh request's mostly are) its rows are one strided range: every position from 0 is then
+    a view, and any other set a copy of just its rows. Otherwise rows are gathered one by one.
+    """
+    block_size = cache.shape[1]
+    count = int(positions.max()) // block_size + 1
+    physical = block_table[req, :count].long()
+    first = int(physical[0])
+    if not torch.equal(physical, torch.arange(first, first + count, device=physical.device)):
+        return _gather(cache, block_table, req, positions)
+    rows = cache[first : first + count].reshape(count * block_size, *cache.shape[2:])
+    every = torch.arange(positions.numel(), device=positions.device)
+    if torch.equal(positions, every):
+        return rows[: positions.numel()]
+    return rows[positions]
 
 
 def paged_attention_cpu(
@@ -56,7 +71,7 @@ def paged_attention_cpu(
     -inf elsewhere.
     """
     num_heads, head_dim = q.shape[1], q.shape[2]
-    num_kv_heads, block_size = key_cache.shape[2], key_cache.shape[1]
+    num_kv_heads = key_cache.shape[2]
     group = num_heads // num_kv_heads
     result = torch.empty_like(q) if out is None else out
     sinks = None
@@ -74,32 +89,25 @@ def paged_attention_cpu(
                 q[tokens], key_cache, value_cache, block_table, req, positions, scale
             ).to(result.dtype)
             continue
-        logical, local = torch.unique(positions // block_size, return_inverse=True)
-        physical = block_table[req, logical].long()
-        keys = _request_blocks(key_cache, physical)  # [u, Hkv, bs, D]
-        values = _request_blocks(value_cache, physical)
-        rows = local * block_size + positions % block_size  # each key's row in the blocks
-        mask = torch.ones(logical.numel() * block_size, dtype=torch.bool, device=q.device)
-        mask[rows] = False  # True: not in the key set
-        mass = torch.zeros(mask.numel(), device=q.device) if prompt_len else None
-        chunk = max(1, MAX_SCORES // (num_heads * mask.numel()))
+        # [Hkv, n, D]: KV head k's keys, as strided views where the cache allows.
+        keys = request_keys(key_cache, block_table, req, positions).transpose(0, 1).float()
+        values = request_keys(value_cache, block_table, req, positions).transpose(0, 1).float()
+        mass = torch.zeros(positions.numel(), device=q.device) if prompt_len else None
+        chunk = max(1, MAX_SCORES // (num_heads * positions.numel()))
         for part in tokens.split(chunk):
             t = part.numel()
-            # [1, Hkv, group * t, D]: query head h = kv_head * group + g reads KV head kv_head.
+            # [Hkv, group * t, D]: query head h = kv_head * group + g reads KV head kv_head.
             grouped = q[part].float().reshape(t, num_kv_heads, group, head_dim)
-            grouped = grouped.permute(1, 2, 0, 3).reshape(1, num_kv_heads, group * t, head_dim)
-            scores = torch.matmul(grouped, keys.transpose(-1, -2).float())  # [u, Hkv, gt, bs]
-            scores = scores.permute(1, 2, 0, 3).reshape(num_kv_heads, group * t, -1) * scale
-            probs = scores.masked_fill_(mask, float("-inf")).softmax(-1)
+            grouped = grouped.permute(1, 2, 0, 3).reshape(num_kv_heads, group * t, head_dim)
+            probs = (torch.matmul(grouped, keys.transpose(1, 2)) * scale).softmax(-1)
             if mass is not None:
                 mass += probs.sum((0, 1))
-            blocked = probs.reshape(num_kv_heads, group * t, logical.numel(), block_size)
-            attended = torch.matmul(blocked.permute(2, 0, 1, 3), values.float()).sum(0)
+            attended = torch.matmul(probs, values)  # [Hkv, group * t, D]
             attended = attended.reshape(num_kv_heads, group, t, head_dim).permute(2, 0, 1, 3)
             result[part] = attended.reshape(t, num_heads, head_dim).to(result.dtype)
         if mass is not None:
             in_prompt = positions < prompt_len
-            sinks[req, positions[in_prompt]] = mass[rows[in_prompt]]
+            sinks[req, positions[in_prompt]] = mass[in_prompt]
     return result, sinks
 
 
@@ -112,13 +120,10 @@ def prompt_block_means(
 ) -> torch.Tensor:
     """[prompt blocks, kv_heads, head_dim] float32: the mean prompt key of each block of
     `prompt_block_size` positions (the last one partial), read in place from the cache."""
-    block_size = key_cache.shape[1]
-    count = -(-prompt_len // block_size)
-    keys = _request_blocks(key_cache, block_table[req, :count].long())  # [u, Hkv, bs, D]
-    rows = keys.transpose(1, 2).reshape(count * block_size, keys.shape[1], keys.shape[3])
-    rows = rows[:prompt_len].float()  # [P, Hkv, D]
+    positions = torch.arange(prompt_len, device=key_cache.device)
+    rows = request_keys(key_cache, block_table, req, positions).float()  # [P, Hkv, D]
     num_blocks = -(-prompt_len // prompt_block_size)
-    block_of = torch.arange(prompt_len, device=rows.device) // prompt_block_size
+    block_of = positions // prompt_block_size
     sums = torch.zeros(num_blocks, *rows.shape[1:], device=rows.device)
     sums.index_add_(0, block_of, rows)
     counts = torch.bincount(block_of, minlength=num_blocks).float()

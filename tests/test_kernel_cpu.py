@@ -19,25 +19,44 @@ LAYOUTS = [(4, 4), (7, 1), (6, 2)]
 RAGGED = [([1], [1]), ([63, 200, 15], [3, 1, 15]), ([1000], [2])]
 
 
-def _consecutive(case: dict, seq_lens: list[int]) -> dict:
-    """The same case with each request's blocks at consecutive physical ids (a view, no copy)."""
+def _arranged(case: dict, seq_lens: list[int], layout: str) -> dict:
+    """The case's cache re-laid: "shuffled" as built; "consecutive": each request's blocks at
+    consecutive ids; "engine": also rows stored as vLLM's CPU cache stores them,
+    [blocks, block_size, kv_heads, K|V], where consecutive blocks are one strided range."""
+    if layout == "shuffled":
+        return case
     table = torch.zeros_like(case["block_table"])
     used = 0
     for r, n in enumerate(seq_lens):
         count = -(-n // BLOCK_SIZE)
         table[r, :count] = torch.arange(used, used + count, dtype=table.dtype)
         used += count
-    return {**case, "block_table": table}
+    case = {**case, "block_table": table}
+    if layout == "engine":
+        kv = torch.cat([case["key_cache"], case["value_cache"]], -1).contiguous()
+        case.update(key_cache=kv[..., :HEAD_DIM], value_cache=kv[..., HEAD_DIM:])
+    return case
+
+
+LAYOUT_NAMES = ["shuffled", "consecutive", "engine"]
+
+
+def test_engine_layout_reads_in_place():
+    case = _arranged(paged_case([100], [1], 4, 2, 1.0, seed=1), [100], "engine")
+    every = cpu.request_keys(case["key_cache"], case["block_table"], 0, torch.arange(100))
+    assert every.data_ptr() == case["key_cache"].data_ptr()  # a view, not a copy
+    some = torch.tensor([3, 50, 99])
+    picked = cpu.request_keys(case["key_cache"], case["block_table"], 0, some)
+    assert torch.equal(picked, every[some])
 
 
 @pytest.mark.parametrize("num_heads, num_kv_heads", LAYOUTS)
 @pytest.mark.parametrize("seq_lens, num_queries", RAGGED, ids=["len1", "ragged", "long"])
 @pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
-@pytest.mark.parametrize("layout", ["shuffled", "consecutive"])
+@pytest.mark.parametrize("layout", LAYOUT_NAMES)
 def test_attention_matches_twin(num_heads, num_kv_heads, seq_lens, num_queries, density, layout):
     case = paged_case(seq_lens, num_queries, num_heads, num_kv_heads, density, seed=len(seq_lens))
-    if layout == "consecutive":
-        case = _consecutive(case, seq_lens)
+    case = _arranged(case, seq_lens, layout)
     scale = HEAD_DIM**-0.5
     got, sinks = cpu.paged_attention_cpu(**case, scale=scale)
     assert sinks is None
@@ -59,9 +78,11 @@ def test_many_queries_and_small_chunks(monkeypatch):
 
 
 @pytest.mark.parametrize("num_heads, num_kv_heads", LAYOUTS)
-def test_sink_scores_from_the_attention_pass(num_heads, num_kv_heads):
+@pytest.mark.parametrize("layout", LAYOUT_NAMES)
+def test_sink_scores_from_the_attention_pass(num_heads, num_kv_heads, layout):
     seq_lens, num_queries, prompt_lens = [63, 200, 15], [3, 1, 15], [40, 199, 1]
     case = paged_case(seq_lens, num_queries, num_heads, num_kv_heads, 1.0, seed=11)
+    case = _arranged(case, seq_lens, layout)
     scale = HEAD_DIM**-0.5
     wanted = [40, 0, 1]  # request 1 does not ask for sinks
     _, got = cpu.paged_attention_cpu(**case, scale=scale, sink_prompt_lens=wanted)
@@ -84,12 +105,11 @@ def test_sink_scores_from_the_attention_pass(num_heads, num_kv_heads):
 
 
 @pytest.mark.parametrize("num_heads, num_kv_heads", LAYOUTS)
-@pytest.mark.parametrize("layout", ["shuffled", "consecutive"])
+@pytest.mark.parametrize("layout", LAYOUT_NAMES)
 def test_block_scores_from_means_match_twin(num_heads, num_kv_heads, layout):
     seq_lens, num_queries, prompt_lens = [63, 200, 15], [3, 1, 2], [40, 199, 1]
     case = paged_case(seq_lens, num_queries, num_heads, num_kv_heads, 1.0, seed=7)
-    if layout == "consecutive":
-        case = _consecutive(case, seq_lens)
+    case = _arranged(case, seq_lens, layout)
     scale, size = HEAD_DIM**-0.5, 24  # prompt blocks straddle cache blocks of 16
     want = prompt_block_scores_ref(
         case["q"],
