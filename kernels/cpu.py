@@ -4,12 +4,13 @@ The torch twins (reference.py) gather a request's keys row by row into a new ten
 attending. On a CPU, where a within-block step is bound by memory traffic, that strided copy
 plus the second read costs several times the attention itself. Here a step with few query
 tokens reads the request's rows where they lie: vLLM's CPU cache puts a block's rows one
-after another ([blocks, block_size, kv_heads, K|V]), so when a request's blocks are
-consecutive its keys are one strided [positions, kv_heads, head_dim] range — a view for
-every position (a dense layer), a copy of only the kept rows for a sparse key set — and the
-attention is two matmuls per KV head. The same pass returns, when asked, the softmax mass
-each prompt key receives — the sink scores of Focus's last dense layer — so that layer's
-keys are read once, not twice.
+after another ([blocks, block_size, kv_heads, K|V]), so when a request's blocks lie within a
+compact range of the cache (consecutive for a fresh request, often the same blocks reversed
+for a later one) that range is one strided [rows, kv_heads, head_dim] tensor. A dense layer
+attends over it in place, rows outside the request's set masked (attention does not care about
+key order); a sparse key set copies only its rows. The attention is two matmuls per KV head.
+The same pass returns, when asked, the softmax mass each prompt key receives — the sink scores
+of Focus's last dense layer — so that layer's keys are read once, not twice.
 
 Requests with many query tokens (a block-start refresh) go through the twin's gather and
 torch's fused attention, which amortises the gather. Results equal the twins' (tests hold
@@ -28,27 +29,52 @@ FEW_QUERIES = 256
 MAX_SCORES = 1 << 25
 
 
-def request_keys(
-    cache: torch.Tensor, block_table: torch.Tensor, req: int, positions: torch.Tensor
-) -> torch.Tensor:
-    """[n, kv_heads, head_dim] rows of `positions` (any order) from a cache viewed as
-    [blocks, block_size, kv_heads, head_dim].
-
-    When the request's blocks up to the last position are consecutive in the cache (as a
-    fresh request's mostly are) its rows are one strided range: every position from 0 is then
-    a view, and any other set a copy of just its rows. Otherwise rows are gathered one by one.
-    """
+def _span(cache: torch.Tensor, block_table: torch.Tensor, req: int, positions: torch.Tensor):
+    """(rows, row of each position) when the physical blocks holding `positions` lie within a
+    compact range of the cache (in any order: a fresh request's blocks are consecutive, a
+    later one's often the same blocks reversed), else None. `rows` is that range as
+    [blocks * block_size, kv_heads, head_dim]: a view of vLLM's CPU cache, where a block's rows
+    follow one another."""
     block_size = cache.shape[1]
     count = int(positions.max()) // block_size + 1
     physical = block_table[req, :count].long()
-    first = int(physical[0])
-    if not torch.equal(physical, torch.arange(first, first + count, device=physical.device)):
+    low, high = int(physical.min()), int(physical.max()) + 1
+    if high - low > 2 * count:
+        return None
+    rows = cache[low:high].reshape((high - low) * block_size, *cache.shape[2:])
+    return rows, (physical[positions // block_size] - low) * block_size + positions % block_size
+
+
+def request_keys(
+    cache: torch.Tensor, block_table: torch.Tensor, req: int, positions: torch.Tensor
+) -> torch.Tensor:
+    """[n, kv_heads, head_dim] rows of `positions` (in their order) from a cache viewed as
+    [blocks, block_size, kv_heads, head_dim]: a view when they are one run of rows, else a
+    copy of just those rows."""
+    span = _span(cache, block_table, req, positions)
+    if span is None:
         return _gather(cache, block_table, req, positions)
-    rows = cache[first : first + count].reshape(count * block_size, *cache.shape[2:])
-    every = torch.arange(positions.numel(), device=positions.device)
-    if torch.equal(positions, every):
-        return rows[: positions.numel()]
-    return rows[positions]
+    rows, row_of = span
+    first = int(row_of[0])
+    if torch.equal(row_of, torch.arange(first, first + row_of.numel(), device=row_of.device)):
+        return rows[first : first + row_of.numel()]
+    return rows[row_of]
+
+
+def _attended_rows(key_cache, value_cache, block_table, req, positions):
+    """(keys, values, position of each row or -1) over which to attend `positions`: for a
+    dense-enough set, the whole compact span of the request's blocks in place (rows outside
+    the set masked); otherwise copies of exactly the set's rows."""
+    span = _span(key_cache, block_table, req, positions)
+    if span is not None and 2 * positions.numel() >= span[0].shape[0]:
+        keys, row_of = span
+        values = _span(value_cache, block_table, req, positions)[0]
+        owner = torch.full((keys.shape[0],), -1, dtype=torch.long, device=positions.device)
+        owner[row_of] = positions
+        return keys, values, owner
+    keys = request_keys(key_cache, block_table, req, positions)
+    values = request_keys(value_cache, block_table, req, positions)
+    return keys, values, positions
 
 
 def paged_attention_cpu(
@@ -89,25 +115,27 @@ def paged_attention_cpu(
                 q[tokens], key_cache, value_cache, block_table, req, positions, scale
             ).to(result.dtype)
             continue
-        # [Hkv, n, D]: KV head k's keys, as strided views where the cache allows.
-        keys = request_keys(key_cache, block_table, req, positions).transpose(0, 1).float()
-        values = request_keys(value_cache, block_table, req, positions).transpose(0, 1).float()
-        mass = torch.zeros(positions.numel(), device=q.device) if prompt_len else None
-        chunk = max(1, MAX_SCORES // (num_heads * positions.numel()))
+        keys, values, owner = _attended_rows(key_cache, value_cache, block_table, req, positions)
+        # [Hkv, m, D]: KV head k's rows, strided views of the cache where it allows.
+        keys, values = keys.transpose(0, 1).float(), values.transpose(0, 1).float()
+        outside = owner < 0  # rows of the span that are not in the key set
+        mass = torch.zeros(owner.numel(), device=q.device) if prompt_len else None
+        chunk = max(1, MAX_SCORES // (num_heads * owner.numel()))
         for part in tokens.split(chunk):
             t = part.numel()
             # [Hkv, group * t, D]: query head h = kv_head * group + g reads KV head kv_head.
             grouped = q[part].float().reshape(t, num_kv_heads, group, head_dim)
             grouped = grouped.permute(1, 2, 0, 3).reshape(num_kv_heads, group * t, head_dim)
-            probs = (torch.matmul(grouped, keys.transpose(1, 2)) * scale).softmax(-1)
+            scores = torch.matmul(grouped, keys.transpose(1, 2)) * scale
+            probs = scores.masked_fill_(outside, float("-inf")).softmax(-1)
             if mass is not None:
                 mass += probs.sum((0, 1))
             attended = torch.matmul(probs, values)  # [Hkv, group * t, D]
             attended = attended.reshape(num_kv_heads, group, t, head_dim).permute(2, 0, 1, 3)
             result[part] = attended.reshape(t, num_heads, head_dim).to(result.dtype)
         if mass is not None:
-            in_prompt = positions < prompt_len
-            sinks[req, positions[in_prompt]] = mass[in_prompt]
+            in_prompt = (owner >= 0) & (owner < prompt_len)
+            sinks[req, owner[in_prompt]] = mass[in_prompt]
     return result, sinks
 
 

@@ -20,25 +20,28 @@ RAGGED = [([1], [1]), ([63, 200, 15], [3, 1, 15]), ([1000], [2])]
 
 
 def _arranged(case: dict, seq_lens: list[int], layout: str) -> dict:
-    """The case's cache re-laid: "shuffled" as built; "consecutive": each request's blocks at
-    consecutive ids; "engine": also rows stored as vLLM's CPU cache stores them,
-    [blocks, block_size, kv_heads, K|V], where consecutive blocks are one strided range."""
+    """The case's cache re-laid. "shuffled": as built (blocks anywhere, rows of a block
+    interleaved with other KV heads); "consecutive": each request's blocks at consecutive ids;
+    "engine": also rows stored as vLLM's CPU cache stores them, [blocks, block_size, kv_heads,
+    K|V], where a range of blocks is one strided run of rows; "engine-reversed": that, each
+    request's blocks in reverse order (as a request gets blocks another one freed)."""
     if layout == "shuffled":
         return case
     table = torch.zeros_like(case["block_table"])
     used = 0
     for r, n in enumerate(seq_lens):
         count = -(-n // BLOCK_SIZE)
-        table[r, :count] = torch.arange(used, used + count, dtype=table.dtype)
+        ids = torch.arange(used, used + count, dtype=table.dtype)
+        table[r, :count] = ids.flip(0) if layout == "engine-reversed" else ids
         used += count
     case = {**case, "block_table": table}
-    if layout == "engine":
+    if layout.startswith("engine"):
         kv = torch.cat([case["key_cache"], case["value_cache"]], -1).contiguous()
         case.update(key_cache=kv[..., :HEAD_DIM], value_cache=kv[..., HEAD_DIM:])
     return case
 
 
-LAYOUT_NAMES = ["shuffled", "consecutive", "engine"]
+LAYOUT_NAMES = ["shuffled", "consecutive", "engine", "engine-reversed"]
 
 
 def test_engine_layout_reads_in_place():
@@ -48,6 +51,13 @@ def test_engine_layout_reads_in_place():
     some = torch.tensor([3, 50, 99])
     picked = cpu.request_keys(case["key_cache"], case["block_table"], 0, some)
     assert torch.equal(picked, every[some])
+    # Blocks in reverse order: a dense set still attends over the span in place.
+    case = _arranged(paged_case([100], [1], 4, 2, 1.0, seed=1), [100], "engine-reversed")
+    keys, _, owner = cpu._attended_rows(
+        case["key_cache"], case["value_cache"], case["block_table"], 0, torch.arange(100)
+    )
+    assert keys.data_ptr() == case["key_cache"].data_ptr()
+    assert sorted(owner[owner >= 0].tolist()) == list(range(100))
 
 
 @pytest.mark.parametrize("num_heads, num_kv_heads", LAYOUTS)

@@ -186,3 +186,31 @@ def test_bad_request_settings_raise_before_the_engine(engine, extra, field):
         list(got[0].outputs[0].token_ids)
         == _expected(reference, [[5, 6, 7]], settings, 0.0, None, [16])[0]
     )
+
+
+def test_step_timings_account_for_every_step(engine):
+    """The runner's per-step record (what benchmarks/throughput.py reads through
+    `collective_rpc`): one record per denoising step, the refreshes at the block starts (or
+    every step without a cache), the positions each step computed."""
+    from vllm import SamplingParams
+
+    llm, reference = engine
+    prompt = _prompts(reference)[2]  # 50 tokens
+    llm.collective_rpc("diffusion_stats", kwargs={"reset": True})
+    for cache, refreshes in (("dual", 2), ("none", 16)):
+        extra = {"cache": cache, "gen_length": 64, "block_length": 32, "steps": 16}
+        params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True, extra_args=extra)
+        llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
+        (stats,) = llm.collective_rpc("diffusion_stats", kwargs={"reset": True})
+        assert stats["steps"] == len(stats["records"]) == 16
+        assert stats["refresh_steps"] == refreshes
+        assert [r["refresh"] for r in stats["records"]][:9] == (
+            [True] * 9 if cache == "none" else [True] + [False] * 7 + [True]
+        )
+        computed = [r["query_tokens"] for r in stats["records"]]
+        if cache == "dual":  # the refresh computes prompt + canvas, a step the block
+            assert computed == [114] + [32] * 7 + [114] + [32] * 7
+        else:
+            assert computed == [114] * 16
+        assert all(0 < r["model_s"] <= r["runner_s"] for r in stats["records"])
+        assert stats["refresh_model_s"] + stats["block_model_s"] <= stats["runner_s"]
