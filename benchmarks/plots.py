@@ -42,41 +42,33 @@ def _series(entries: list[dict], model: str, method: str, key: str):
 
 
 def _draw(ax, points, method: str, label: str) -> None:
+    """Measured points solid; extrapolated ones hollow, joined to the last measured by a dash."""
     color, marker = STYLE.get(method, ("black", "x"))
-    xs = [p[0] for p in points]
-    ys = [p[1] for p in points]
-    ax.plot(xs, ys, color=color, linestyle="-", linewidth=1, alpha=0.6)
     measured = [p for p in points if not p[2]]
     guessed = [p for p in points if p[2]]
-    if measured:
-        ax.plot(
-            [p[0] for p in measured],
-            [p[1] for p in measured],
-            color=color,
-            marker=marker,
-            linestyle="none",
-            label=label,
-        )
+    tail = measured[-1:] + guessed
+    for subset, line, face, suffix in (
+        (measured, "-", color, ""),
+        (guessed, "none", "none", " (extrapolated)"),
+    ):
+        if subset:
+            xs, ys = [p[0] for p in subset], [p[1] for p in subset]
+            ax.plot(xs, ys, color=color, linestyle=line, linewidth=1, marker=marker,
+                    markerfacecolor=face, label=label + suffix)  # fmt: skip
     if guessed:
-        ax.plot(
-            [p[0] for p in guessed],
-            [p[1] for p in guessed],
-            color=color,
-            marker=marker,
-            markerfacecolor="none",
-            linestyle="none",
-            label=f"{label} (extrapolated)",
-        )
-        # Dashed from the last measured point through the extrapolated ones.
-        tail = ([measured[-1]] if measured else []) + guessed
-        ax.plot(
-            [p[0] for p in tail], [p[1] for p in tail], color=color, linestyle="--", linewidth=1
-        )
+        ax.plot([p[0] for p in tail], [p[1] for p in tail], color=color, linestyle="--", lw=1)
 
 
-def _axes_setup(ax, title: str, ylabel: str) -> None:
+def _axes_setup(ax, title: str, ylabel: str, lengths: list[int]) -> None:
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    ax.set_xticks(lengths, [f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in lengths])
+    from matplotlib.ticker import FormatStrFormatter
+
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+    ax.tick_params(axis="y", which="minor", labelsize=7)
+
     ax.set_xlabel("prompt length (tokens)")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
@@ -98,6 +90,7 @@ def plot_throughput(result: dict, out_dir: Path) -> list[Path]:
     written = []
     for model in dict.fromkeys(e["model"] for e in entries):
         methods = list(dict.fromkeys(e["method"] for e in entries if e["model"] == model))
+        lengths = sorted({e["prompt_len"] for e in entries if e["model"] == model})
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
         for ax, key, title in (
             (axes[0], "tokens_per_s", "end to end, as measured"),
@@ -105,7 +98,7 @@ def plot_throughput(result: dict, out_dir: Path) -> list[Path]:
         ):
             for method in methods:
                 _draw(ax, _series(entries, model, method, key), method, method)
-            _axes_setup(ax, title, "tokens/s")
+            _axes_setup(ax, title, "tokens/s", lengths)
         axes[0].legend(fontsize=8)
         fig.suptitle(f"{model}: tokens/s vs prompt length ({caption})", fontsize=10)
         fig.tight_layout()
@@ -117,24 +110,13 @@ def plot_throughput(result: dict, out_dir: Path) -> list[Path]:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
         for ax, ref in ((axes[0], "vanilla"), (axes[1], "dual")):
             for method in methods:
-                if method == ref:
+                if method in (ref, "vanilla"):
                     continue
-                points = _series(entries, model, method, f"speedup_vs_{ref}")
-                _draw(ax, points, method, f"{method}, as measured")
-                color, _ = STYLE.get(method, ("black", "x"))
-                model_points = _series(entries, model, method, f"model_speedup_vs_{ref}")
-                ax.plot(
-                    [p[0] for p in model_points],
-                    [p[1] for p in model_points],
-                    color=color,
-                    linestyle=":",
-                    linewidth=1,
-                    label=f"{method}, overhead out",
-                )
+                _draw(ax, _series(entries, model, method, f"speedup_vs_{ref}"), method, method)
             ax.axhline(1.0, color="black", linewidth=0.8)
-            _axes_setup(ax, f"speedup over {ref}", f"x {ref} tokens/s")
+            _axes_setup(ax, f"speedup over {ref}", f"x {ref} tokens/s", lengths)
             ax.legend(fontsize=7)
-        fig.suptitle(f"{model}: speedups vs prompt length ({caption})", fontsize=10)
+        fig.suptitle(f"{model}: speedups vs prompt length, end to end ({caption})", fontsize=10)
         fig.tight_layout()
         path = out_dir / f"speedup-{model}.png"
         fig.savefig(path, dpi=120)
