@@ -48,7 +48,7 @@ DEFAULTS = {
     "cpu": (["llada-mha", "dream-gqa7"], [1024, 2048, 4096, 8192, 16384]),
     "interpret": (["llada-mha", "dream-gqa7"], [512]),
 }
-CACHE_BLOCK = 16
+CACHE_BLOCK = {"cuda": 16, "cpu": 128}  # vLLM's KV-cache block size per platform
 GEN = 256
 BLOCK_QUERIES = 32
 ACTIVE = 3
@@ -72,24 +72,25 @@ def _timed(fn, device: str, repeats: int) -> float:
 
 
 def _paged(keys: torch.Tensor, values: torch.Tensor, generator: torch.Generator):
-    """Contiguous [T, Hkv, D] K/V laid into a paged cache (vLLM's per-layer view), its blocks
-    consecutive but for a few swapped pairs (a fresh request's blocks mostly are)."""
+    """Contiguous [T, Hkv, D] K/V laid into a paged cache as the engine holds it for the FOCUS
+    backend ([blocks, block_size, kv_heads, K|V]: a block's rows one after another), its
+    blocks consecutive but for a few swapped pairs (a fresh request's blocks mostly are)."""
     total, num_kv_heads, head_dim = keys.shape
-    num_blocks = -(-total // CACHE_BLOCK)
+    block_size = CACHE_BLOCK[keys.device.type]
+    num_blocks = -(-total // block_size)
     order = torch.arange(num_blocks)
     swaps = torch.randint(0, num_blocks, (2, max(1, num_blocks // 64)), generator=generator)
     for a, b in swaps.T.tolist():
         order[[a, b]] = order[[b, a]]
     order = order.to(keys.device)
     cache = torch.zeros(
-        num_blocks, num_kv_heads, CACHE_BLOCK, 2 * head_dim, dtype=keys.dtype, device=keys.device
+        num_blocks, block_size, num_kv_heads, 2 * head_dim, dtype=keys.dtype, device=keys.device
     )
     positions = torch.arange(total, device=keys.device)
-    blocks, rows = order[positions // CACHE_BLOCK], positions % CACHE_BLOCK
-    cache[blocks, :, rows, :head_dim] = keys
-    cache[blocks, :, rows, head_dim:] = values
-    key_cache = cache[..., :head_dim].transpose(1, 2)
-    value_cache = cache[..., head_dim:].transpose(1, 2)
+    blocks, rows = order[positions // block_size], positions % block_size
+    cache[blocks, rows, :, :head_dim] = keys
+    cache[blocks, rows, :, head_dim:] = values
+    key_cache, value_cache = cache[..., :head_dim], cache[..., head_dim:]
     return key_cache, value_cache, order.to(torch.int32)[None, :]
 
 
