@@ -59,14 +59,15 @@ def _draw(ax, points, method: str, label: str) -> None:
         ax.plot([p[0] for p in tail], [p[1] for p in tail], color=color, linestyle="--", lw=1)
 
 
-def _axes_setup(ax, title: str, ylabel: str, lengths: list[int]) -> None:
+def _axes_setup(ax, title: str, ylabel: str, lengths: list[int], minor: bool = False) -> None:
+    """Log-log axes; `minor`: label the minor y ticks too (for an axis spanning < a decade)."""
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xticks(lengths, [f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in lengths])
-    from matplotlib.ticker import FormatStrFormatter
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
     ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-    ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%g") if minor else NullFormatter())
     ax.tick_params(axis="y", which="minor", labelsize=7)
 
     ax.set_xlabel("prompt length (tokens)")
@@ -114,7 +115,7 @@ def plot_throughput(result: dict, out_dir: Path) -> list[Path]:
                     continue
                 _draw(ax, _series(entries, model, method, f"speedup_vs_{ref}"), method, method)
             ax.axhline(1.0, color="black", linewidth=0.8)
-            _axes_setup(ax, f"speedup over {ref}", f"x {ref} tokens/s", lengths)
+            _axes_setup(ax, f"speedup over {ref}", f"x {ref} tokens/s", lengths, ref == "dual")
             ax.legend(fontsize=7)
         fig.suptitle(f"{model}: speedups vs prompt length, end to end ({caption})", fontsize=10)
         fig.tight_layout()

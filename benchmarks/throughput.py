@@ -1,6 +1,6 @@
 """Every decoding method side by side through vLLM's `LLM`, as the context grows (CPU).
 
-    python benchmarks/throughput.py                        # the committed sweep (~1 h, 2 cores)
+    python benchmarks/throughput.py                        # the committed sweep (~35 min, 2 cores)
     python benchmarks/throughput.py --models llada-mha --prompt-lens 1024 2048 --gen 64
 
 Methods (one request at a time, the paper's setting: generation 256, block 32, 256 steps, one
