@@ -77,6 +77,32 @@ def _attended_rows(key_cache, value_cache, block_table, req, positions):
     return keys, values, positions
 
 
+def _attend(q, tokens, keys, values, owner, scale, result, want_mass: bool):
+    """Attention of query rows `tokens` over rows keys/values [m, Hkv, D] (rows whose owner is
+    -1 masked), written into `result`; returns the softmax mass per row if `want_mass`."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = keys.shape[1]
+    group = num_heads // num_kv_heads
+    # [Hkv, m, D]: KV head k's rows, strided views of the cache where it allows.
+    keys, values = keys.transpose(0, 1).float(), values.transpose(0, 1).float()
+    outside = owner < 0
+    mass = torch.zeros(owner.numel(), device=q.device) if want_mass else None
+    chunk = max(1, MAX_SCORES // (num_heads * owner.numel()))
+    for part in tokens.split(chunk):
+        t = part.numel()
+        # [Hkv, group * t, D]: query head h = kv_head * group + g reads KV head kv_head.
+        grouped = q[part].float().reshape(t, num_kv_heads, group, head_dim)
+        grouped = grouped.permute(1, 2, 0, 3).reshape(num_kv_heads, group * t, head_dim)
+        scores = torch.matmul(grouped, keys.transpose(1, 2)) * scale
+        probs = scores.masked_fill_(outside, float("-inf")).softmax(-1)
+        if mass is not None:
+            mass += probs.sum((0, 1))
+        attended = torch.matmul(probs, values)  # [Hkv, group * t, D]
+        attended = attended.reshape(num_kv_heads, group, t, head_dim).permute(2, 0, 1, 3)
+        result[part] = attended.reshape(t, num_heads, head_dim).to(result.dtype)
+    return mass
+
+
 def paged_attention_cpu(
     q: torch.Tensor,
     key_cache: torch.Tensor,
@@ -96,9 +122,6 @@ def paged_attention_cpu(
     over heads and queries (`sink_scores_ref` when the request's key set is every position);
     -inf elsewhere.
     """
-    num_heads, head_dim = q.shape[1], q.shape[2]
-    num_kv_heads = key_cache.shape[2]
-    group = num_heads // num_kv_heads
     result = torch.empty_like(q) if out is None else out
     sinks = None
     if sink_prompt_lens is not None:
@@ -116,23 +139,14 @@ def paged_attention_cpu(
             ).to(result.dtype)
             continue
         keys, values, owner = _attended_rows(key_cache, value_cache, block_table, req, positions)
-        # [Hkv, m, D]: KV head k's rows, strided views of the cache where it allows.
-        keys, values = keys.transpose(0, 1).float(), values.transpose(0, 1).float()
-        outside = owner < 0  # rows of the span that are not in the key set
-        mass = torch.zeros(owner.numel(), device=q.device) if prompt_len else None
-        chunk = max(1, MAX_SCORES // (num_heads * owner.numel()))
-        for part in tokens.split(chunk):
-            t = part.numel()
-            # [Hkv, group * t, D]: query head h = kv_head * group + g reads KV head kv_head.
-            grouped = q[part].float().reshape(t, num_kv_heads, group, head_dim)
-            grouped = grouped.permute(1, 2, 0, 3).reshape(num_kv_heads, group * t, head_dim)
-            scores = torch.matmul(grouped, keys.transpose(1, 2)) * scale
-            probs = scores.masked_fill_(outside, float("-inf")).softmax(-1)
-            if mass is not None:
-                mass += probs.sum((0, 1))
-            attended = torch.matmul(probs, values)  # [Hkv, group * t, D]
-            attended = attended.reshape(num_kv_heads, group, t, head_dim).permute(2, 0, 1, 3)
-            result[part] = attended.reshape(t, num_heads, head_dim).to(result.dtype)
+        mass = _attend(q, tokens, keys, values, owner, scale, result, bool(prompt_len))
+        if owner.numel() != positions.numel() and not torch.isfinite(result[tokens]).all():
+            # A masked row of the span (another request's, or not yet written) holds a value
+            # that is not finite, and 0 x inf poisons the sum: attend over exact rows instead.
+            keys = request_keys(key_cache, block_table, req, positions)
+            values = request_keys(value_cache, block_table, req, positions)
+            owner = positions
+            mass = _attend(q, tokens, keys, values, owner, scale, result, bool(prompt_len))
         if mass is not None:
             in_prompt = (owner >= 0) & (owner < prompt_len)
             sinks[req, owner[in_prompt]] = mass[in_prompt]

@@ -135,3 +135,17 @@ def test_block_scores_from_means_match_twin(num_heads, num_kv_heads, layout):
         assert means.shape == (-(-length // size), num_kv_heads, HEAD_DIM)
         got = cpu.block_scores_from_means(case["q"][case["query_req"] == req], means, scale)
         assert rel_rms(got, want[req, : means.shape[0]]) < 1e-5
+
+
+def test_non_finite_rows_outside_the_set_do_not_leak():
+    """A dense set attends over its blocks' span in place; rows of the span outside the set
+    (here the unwritten tail of the last block) are masked, and when they hold inf/NaN (0 x inf
+    would poison the sum) the exact rows are used instead."""
+    case = _arranged(paged_case([100], [3], 4, 2, 1.0, seed=2), [100], "engine")
+    last = int(case["block_table"][0, 100 // BLOCK_SIZE])
+    case["value_cache"][last, 100 % BLOCK_SIZE :] = float("inf")
+    case["key_cache"][last, 100 % BLOCK_SIZE :] = float("nan")
+    scale = HEAD_DIM**-0.5
+    got, _ = cpu.paged_attention_cpu(**case, scale=scale)
+    assert torch.isfinite(got).all()
+    assert rel_rms(got, sparse_paged_attention_ref(**case, scale=scale)) < 1e-5
