@@ -29,20 +29,38 @@ FEW_QUERIES = 256
 MAX_SCORES = 1 << 25
 
 
-def _span(cache: torch.Tensor, block_table: torch.Tensor, req: int, positions: torch.Tensor):
-    """(rows, row of each position) when the physical blocks holding `positions` lie within a
-    compact range of the cache (in any order: a fresh request's blocks are consecutive, a
-    later one's often the same blocks reversed), else None. `rows` is that range as
-    [blocks * block_size, kv_heads, head_dim]: a view of vLLM's CPU cache, where a block's rows
-    follow one another."""
-    block_size = cache.shape[1]
+def _span(block_table: torch.Tensor, req: int, positions: torch.Tensor, block_size: int):
+    """(low, high, row of each position) when the physical blocks holding `positions` lie
+    within a compact range [low, high) of the cache (in any order: a fresh request's blocks
+    are consecutive, a later one's often the same blocks reversed), else None."""
     count = int(positions.max()) // block_size + 1
     physical = block_table[req, :count].long()
     low, high = int(physical.min()), int(physical.max()) + 1
     if high - low > 2 * count:
         return None
-    rows = cache[low:high].reshape((high - low) * block_size, *cache.shape[2:])
-    return rows, (physical[positions // block_size] - low) * block_size + positions % block_size
+    return (
+        low,
+        high,
+        (physical[positions // block_size] - low) * block_size + positions % block_size,
+    )
+
+
+def _span_rows(cache: torch.Tensor, low: int, high: int) -> torch.Tensor:
+    """Blocks [low, high) as [rows, kv_heads, head_dim]: a view of vLLM's CPU cache, where a
+    block's rows follow one another."""
+    return cache[low:high].reshape((high - low) * cache.shape[1], *cache.shape[2:])
+
+
+def _rows_of(cache, block_table, req, positions, span) -> torch.Tensor:
+    """The rows of `positions` in their order: a view when they are one run, else a copy."""
+    if span is None:
+        return _gather(cache, block_table, req, positions)
+    low, high, row_of = span
+    rows = _span_rows(cache, low, high)
+    first = int(row_of[0])
+    if torch.equal(row_of, torch.arange(first, first + row_of.numel(), device=row_of.device)):
+        return rows[first : first + row_of.numel()]
+    return rows[row_of]
 
 
 def request_keys(
@@ -51,29 +69,22 @@ def request_keys(
     """[n, kv_heads, head_dim] rows of `positions` (in their order) from a cache viewed as
     [blocks, block_size, kv_heads, head_dim]: a view when they are one run of rows, else a
     copy of just those rows."""
-    span = _span(cache, block_table, req, positions)
-    if span is None:
-        return _gather(cache, block_table, req, positions)
-    rows, row_of = span
-    first = int(row_of[0])
-    if torch.equal(row_of, torch.arange(first, first + row_of.numel(), device=row_of.device)):
-        return rows[first : first + row_of.numel()]
-    return rows[row_of]
+    span = _span(block_table, req, positions, cache.shape[1])
+    return _rows_of(cache, block_table, req, positions, span)
 
 
-def _attended_rows(key_cache, value_cache, block_table, req, positions):
+def _attended_rows(key_cache, value_cache, block_table, req, positions, span):
     """(keys, values, position of each row or -1) over which to attend `positions`: for a
     dense-enough set, the whole compact span of the request's blocks in place (rows outside
     the set masked); otherwise copies of exactly the set's rows."""
-    span = _span(key_cache, block_table, req, positions)
-    if span is not None and 2 * positions.numel() >= span[0].shape[0]:
-        keys, row_of = span
-        values = _span(value_cache, block_table, req, positions)[0]
+    if span is not None and 2 * positions.numel() >= (span[1] - span[0]) * key_cache.shape[1]:
+        low, high, row_of = span
+        keys, values = _span_rows(key_cache, low, high), _span_rows(value_cache, low, high)
         owner = torch.full((keys.shape[0],), -1, dtype=torch.long, device=positions.device)
         owner[row_of] = positions
         return keys, values, owner
-    keys = request_keys(key_cache, block_table, req, positions)
-    values = request_keys(value_cache, block_table, req, positions)
+    keys = _rows_of(key_cache, block_table, req, positions, span)
+    values = _rows_of(value_cache, block_table, req, positions, span)
     return keys, values, positions
 
 
@@ -138,13 +149,16 @@ def paged_attention_cpu(
                 q[tokens], key_cache, value_cache, block_table, req, positions, scale
             ).to(result.dtype)
             continue
-        keys, values, owner = _attended_rows(key_cache, value_cache, block_table, req, positions)
+        span = _span(block_table, req, positions, key_cache.shape[1])
+        keys, values, owner = _attended_rows(
+            key_cache, value_cache, block_table, req, positions, span
+        )
         mass = _attend(q, tokens, keys, values, owner, scale, result, bool(prompt_len))
         if owner.numel() != positions.numel() and not torch.isfinite(result[tokens]).all():
             # A masked row of the span (another request's, or not yet written) holds a value
             # that is not finite, and 0 x inf poisons the sum: attend over exact rows instead.
-            keys = request_keys(key_cache, block_table, req, positions)
-            values = request_keys(value_cache, block_table, req, positions)
+            keys = _rows_of(key_cache, block_table, req, positions, span)
+            values = _rows_of(value_cache, block_table, req, positions, span)
             owner = positions
             mass = _attend(q, tokens, keys, values, owner, scale, result, bool(prompt_len))
         if mass is not None:

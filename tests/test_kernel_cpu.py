@@ -53,8 +53,10 @@ def test_engine_layout_reads_in_place():
     assert torch.equal(picked, every[some])
     # Blocks in reverse order: a dense set still attends over the span in place.
     case = _arranged(paged_case([100], [1], 4, 2, 1.0, seed=1), [100], "engine-reversed")
+    positions = torch.arange(100)
+    span = cpu._span(case["block_table"], 0, positions, BLOCK_SIZE)
     keys, _, owner = cpu._attended_rows(
-        case["key_cache"], case["value_cache"], case["block_table"], 0, torch.arange(100)
+        case["key_cache"], case["value_cache"], case["block_table"], 0, positions, span
     )
     assert keys.data_ptr() == case["key_cache"].data_ptr()
     assert sorted(owner[owner >= 0].tolist()) == list(range(100))

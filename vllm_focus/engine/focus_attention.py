@@ -11,8 +11,8 @@ the rows of its focus queries F, and the sinks — found at the last dense layer
 every deeper one. Per layer and request, the keys attended are every position (dense layers,
 requests not in Focus) or the kept prompt blocks ∪ sinks ∪ the response (sparse layers).
 All selections sum scores over heads, and are all-reduced across tensor-parallel ranks before
-the top-k, so every rank keeps the same keys. Kernels: Triton on CUDA, their torch twins on
-the CPU (`vllm_focus.kernels`).
+the top-k, so every rank keeps the same keys. Kernels: Triton on CUDA; on the CPU the
+in-place torch path of `vllm_focus.kernels.cpu`.
 """
 
 from __future__ import annotations
@@ -141,18 +141,6 @@ class FocusAttentionBackend(AttentionBackend):
         return True
 
 
-def _kernels(device: torch.device):
-    """(block scores, sink scores): the Triton kernels on CUDA; None on the CPU, whose path
-    (kernels/cpu.py) scores blocks by cached block means and takes the sink scores from the
-    sink layer's attention pass."""
-    if device.type == "cuda":
-        from vllm_focus.kernels.block_scores import prompt_block_scores
-        from vllm_focus.kernels.sink_scores import sink_scores
-
-        return prompt_block_scores, sink_scores
-    return None, None
-
-
 def _all_reduce(scores: torch.Tensor) -> torch.Tensor:
     """Sum head-summed scores over tensor-parallel ranks (heads are split across them)."""
     from vllm.distributed import (
@@ -240,25 +228,28 @@ class FocusAttentionImpl(AttentionImpl):
         count = meta.num_actual_tokens
         q = query[:count]
         keys, values = split_kv_cache(kv_cache, self.head_size)
-        block_scores, sink_scores = _kernels(q.device)
         index = self._index(layer)
-        key_positions, cu_k = self._key_sets(index, q, keys, meta, block_scores)
+        key_positions, cu_k = self._key_sets(index, q, keys, meta)
         args = (q, keys, values, meta.block_table, meta.query_req, key_positions, cu_k, self.scale)
         wanted = self._sink_requests(index, meta)
-        if q.device.type == "cuda":
+        # Per request, its prompt length where its sinks are found at this layer, else 0.
+        sink_lens = None
+        if wanted:
+            sink_lens = [n if r in wanted else 0 for r, n in enumerate(meta.focus.prompt_lens)]
+        if q.device.type == "cuda":  # Triton kernels
+            from vllm_focus.kernels.sink_scores import sink_scores
             from vllm_focus.kernels.sparse_attention import sparse_paged_attention
 
             sparse_paged_attention(*args, out=output[:count])
             if wanted:
-                lengths = torch.zeros(len(meta.focus.plans), dtype=torch.int32)
-                lengths[wanted] = torch.tensor([meta.focus.prompt_lens[r] for r in wanted])
+                lengths = torch.tensor(sink_lens, dtype=torch.int32, device=q.device)
                 scores = sink_scores(
                     q,
                     meta.query_start_loc,
                     keys,
                     meta.block_table,
                     meta.seq_lens,
-                    lengths.to(q.device),
+                    lengths,
                     self.scale,
                 )
         else:
@@ -266,15 +257,7 @@ class FocusAttentionImpl(AttentionImpl):
             # softmax mass per prompt key (this layer attends every key: it is dense).
             from vllm_focus.kernels.cpu import paged_attention_cpu
 
-            lengths = (
-                [
-                    meta.focus.prompt_lens[r] if r in wanted else 0
-                    for r in range(len(meta.focus.plans))
-                ]
-                if wanted
-                else None
-            )
-            _, scores = paged_attention_cpu(*args, out=output[:count], sink_prompt_lens=lengths)
+            _, scores = paged_attention_cpu(*args, out=output[:count], sink_prompt_lens=sink_lens)
         if wanted:
             self._keep_sinks(wanted, meta.focus, _all_reduce(scores))
         return output
@@ -286,7 +269,7 @@ class FocusAttentionImpl(AttentionImpl):
             self._layer_index = extract_layer_index(layer.layer_name)
         return self._layer_index
 
-    def _key_sets(self, index, q, keys, meta: FocusMetadata, block_scores):
+    def _key_sets(self, index, q, keys, meta: FocusMetadata):
         """Per request, the key positions this layer attends (ragged)."""
         batch = meta.focus
         sparse = []
@@ -298,7 +281,7 @@ class FocusAttentionImpl(AttentionImpl):
             ]
         if not sparse:
             return meta.dense_keys()
-        kept = self._kept_prompt(sparse, q, keys, meta, block_scores)
+        kept = self._kept_prompt(sparse, q, keys, meta)
         device = q.device
         parts = []
         for r, seq_len in enumerate(meta.seq_lens_cpu):
@@ -314,13 +297,13 @@ class FocusAttentionImpl(AttentionImpl):
         lengths = [p.numel() for p in parts]
         return torch.cat(parts).to(torch.int32), _cumulative(lengths, device)
 
-    def _kept_prompt(self, sparse, q, keys, meta: FocusMetadata, block_scores):
+    def _kept_prompt(self, sparse, q, keys, meta: FocusMetadata):
         """Prompt positions of the top blocks of each sparse request, by F's block scores."""
         batch = meta.focus
-        if block_scores is None:
+        if q.device.type == "cuda":
+            scores = self._scores_from_kernel(sparse, q, keys, meta)
+        else:  # the CPU path: block means cached per version of the prompt K/V
             scores = self._scores_from_means(sparse, q, keys, meta)
-        else:
-            scores = self._scores_from_kernel(sparse, q, keys, meta, block_scores)
         kept: dict[int, torch.Tensor] = {}
         for r in sparse:
             prompt_len, plan = batch.prompt_lens[r], batch.plans[r]
@@ -333,8 +316,10 @@ class FocusAttentionImpl(AttentionImpl):
             kept[r] = positions[positions < prompt_len]
         return kept
 
-    def _scores_from_kernel(self, sparse, q, keys, meta, block_scores) -> dict:
+    def _scores_from_kernel(self, sparse, q, keys, meta) -> dict:
         """Block scores by the kernel, one launch per prompt block size, all-reduced."""
+        from vllm_focus.kernels.block_scores import prompt_block_scores
+
         batch = meta.focus
         scores = {}
         for size in sorted({batch.plans[r].prompt_block_size for r in sparse}):
@@ -342,7 +327,7 @@ class FocusAttentionImpl(AttentionImpl):
             lengths = torch.zeros(len(batch.plans), dtype=torch.int32)
             lengths[group] = torch.tensor([batch.prompt_lens[r] for r in group], dtype=torch.int32)
             rows = torch.isin(batch.focus_req, torch.tensor(group, device=q.device))
-            table = block_scores(
+            table = prompt_block_scores(
                 q[batch.focus_rows[rows]],
                 batch.focus_req[rows],
                 keys,
