@@ -4,19 +4,31 @@ Runs in VllmConfig.__post_init__ in the API/driver process, before any engine pr
 starts, so bad server settings fail at startup with the field named. It switches on what
 masked-diffusion serving needs: our scheduler and worker, no prefix caching (a block's K/V
 depend on later tokens), no chunked prefill (a chunk could not see later chunks), synchronous
-scheduling, and vLLM's V1 model runner (our runner replaces its execute_model).
+scheduling, and vLLM's V1 model runner (our runner replaces its execute_model). It logs the
+settings in force once, at startup.
+
+`install()` also guards the other direction: `--attention-backend focus` on an architecture
+this plugin does not serve is a startup error (the FOCUS backend runs masked diffusion steps
+only; on CPU vLLM would otherwise ignore the flag and serve the model densely).
 """
 
 from __future__ import annotations
 
+import functools
 import os
+from dataclasses import fields
 
+from vllm.config import VllmConfig
 from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
+from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
+from vllm_focus import FOCUS_BACKEND, MODEL_CLASSES
+from vllm_focus.engine import metrics
 from vllm_focus.engine.settings import CONFIG_KEY, server_settings
 
-logger = init_logger(__name__)
+# Under vLLM's logger so that its handler and format (and VLLM_LOGGING_LEVEL) apply.
+logger = init_logger(f"vllm.{__name__}")
 
 SCHEDULER_CLS = "vllm_focus.engine.scheduler.MaskedDiffusionScheduler"
 WORKER_CLS = "vllm_focus.engine.worker.DiffusionWorker"
@@ -37,4 +49,49 @@ class MaskedDiffusionConfig(VerifyAndUpdateConfig):
         vllm_config.parallel_config.worker_cls = WORKER_CLS
         # Inherited by every engine and worker process started after this point.
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
-        logger.info("vllm-focus masked diffusion, %s defaults: %s", CONFIG_KEY, settings)
+        # /metrics is served by this (the API) process; the engine core writes the snapshots.
+        metrics.install_collector()
+        attention = "Focus (FOCUS backend)" if focus_requested(vllm_config) else "dense"
+        focus_knobs = {"window", "dense_layers", "num_sinks", "prompt_block_size"}
+        focus_knobs |= {"keep_ratio", "min_keep_tokens", "min_prompt_len"}
+        values = {f.name: getattr(settings, f.name) for f in fields(settings)}
+        logger.info(
+            "vllm-focus: serving %s as a masked diffusion model; attention: %s; "
+            "%s defaults in force: decoding {%s}; Focus {%s}",
+            vllm_config.model_config.architecture,
+            attention,
+            CONFIG_KEY,
+            ", ".join(f"{k}={v}" for k, v in values.items() if k not in focus_knobs),
+            ", ".join(f"{k}={v}" for k, v in values.items() if k in focus_knobs),
+        )
+
+
+def focus_requested(vllm_config) -> bool:
+    """`--attention-backend focus` (FOCUS is an alias of vLLM's CUSTOM slot holding ours)."""
+    backend = getattr(getattr(vllm_config, "attention_config", None), "backend", None)
+    custom = AttentionBackendEnum.CUSTOM
+    return backend is custom and custom.is_overridden() and custom.get_path() == FOCUS_BACKEND
+
+
+def install() -> None:
+    """Refuse the FOCUS backend for architectures we do not serve, at config time (idempotent)."""
+    original = VllmConfig.try_verify_and_update_config
+    if getattr(original, "_vllm_focus", False):
+        return
+
+    @functools.wraps(original)
+    def try_verify_and_update_config(self):
+        model_config = self.model_config
+        if model_config is not None and focus_requested(self):
+            architecture = model_config.architecture
+            if architecture not in MODEL_CLASSES:
+                raise ValueError(
+                    f"--attention-backend focus serves masked diffusion models only "
+                    f"({', '.join(MODEL_CLASSES)}); the model at {model_config.model!r} is "
+                    f"{architecture}. Drop --attention-backend focus (or pick another backend) "
+                    f"to serve it."
+                )
+        return original(self)
+
+    try_verify_and_update_config._vllm_focus = True
+    VllmConfig.try_verify_and_update_config = try_verify_and_update_config

@@ -56,10 +56,14 @@ class FocusBatch:
     # that writes prompt positions; the CPU path caches block means under it.
     prompt_keys: list[tuple[str, int]] = field(default_factory=list)
     sinks: list[torch.Tensor | None] = field(default_factory=list)
+    # Per request, prompt keys its queries attended, summed over the sparse layers (metrics).
+    sparse_prompt_keys: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.sinks:
             self.sinks = [None] * len(self.plans)
+        if not self.sparse_prompt_keys:
+            self.sparse_prompt_keys = [0] * len(self.plans)
 
 
 @dataclass
@@ -294,6 +298,7 @@ class FocusAttentionImpl(AttentionImpl):
             if sinks is None:
                 sinks = torch.empty(0, dtype=torch.long, device=device)
             parts.append(torch.unique(torch.cat([kept[r], sinks, response])))
+            batch.sparse_prompt_keys[r] += parts[-1].numel() - response.numel()
         lengths = [p.numel() for p in parts]
         return torch.cat(parts).to(torch.int32), _cumulative(lengths, device)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from vllm.forward_context import set_forward_context
@@ -23,7 +23,14 @@ from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 from vllm_focus.engine.decoder import RequestState
 from vllm_focus.engine.focus_attention import FocusBatch, FocusMetadata, focus_selected
 from vllm_focus.engine.settings import resolve_plan, server_settings
-from vllm_focus.engine.stats import StepStats
+from vllm_focus.engine.stats import StepRecord, StepStats
+
+
+@dataclass
+class DiffusionRunnerOutput(ModelRunnerOutput):
+    """vLLM's runner output plus this step's record, read by the scheduler's metrics."""
+
+    diffusion_step: StepRecord | None = field(default=None)
 
 
 @dataclass
@@ -93,21 +100,43 @@ class DiffusionRunnerMixin:
         refresh = any(state.is_refresh or state.plan.cache == "none" for state in states)
         queries = [state.query() for state in states]
         model_started = time.perf_counter()
-        hidden = self._forward(req_ids, states, queries)
+        hidden, focus = self._forward(req_ids, states, queries)
         sources, logits = self._logits(states, queries, hidden)
         model_s = time.perf_counter() - model_started
         sampled = self._consume(states, sources, logits)
-        self.diffusion_stats.record(
-            refresh, model_s, time.perf_counter() - started, sum(q.numel() for q in queries)
+        step = StepRecord(
+            refresh,
+            model_s,
+            time.perf_counter() - started,
+            sum(q.numel() for q in queries),
+            self._focus_keys(req_ids, focus),
         )
-        return ModelRunnerOutput(
+        self.diffusion_stats.record(step)
+        return DiffusionRunnerOutput(
             req_ids=req_ids,
             req_id_to_index={r: i for i, r in enumerate(req_ids)},
             sampled_token_ids=sampled,
+            diffusion_step=step,
         )
 
-    def _forward(self, req_ids, states, queries) -> torch.Tensor:
-        """One ragged non-causal forward; returns hidden states [sum |query|, hidden]."""
+    def _focus_keys(self, req_ids, focus: FocusBatch | None) -> dict[str, tuple[int, int]]:
+        """Per Focus request: prompt keys attended over all layers, and prompt length x layers
+        (its dense layers attend the whole prompt)."""
+        if focus is None:
+            return {}
+        layers = self.vllm_config.model_config.hf_config.num_hidden_layers
+        result = {}
+        for r, (plan, prompt_len) in enumerate(zip(focus.plans, focus.prompt_lens)):
+            if plan is None:
+                continue
+            dense = min(plan.dense_layers, layers)
+            attended = dense * prompt_len + focus.sparse_prompt_keys[r]
+            result[req_ids[r]] = (attended, layers * prompt_len)
+        return result
+
+    def _forward(self, req_ids, states, queries) -> tuple[torch.Tensor, FocusBatch | None]:
+        """One ragged non-causal forward; returns hidden states [sum |query|, hidden] and the
+        step's Focus state (None: no request ran Focus)."""
         device = self.device
         positions = torch.cat(queries)
         input_ids = torch.cat([s.x[q] for s, q in zip(states, queries)])
@@ -155,7 +184,8 @@ class DiffusionRunnerMixin:
         with set_forward_context(
             metadata, self.vllm_config, num_tokens=num_tokens, slot_mapping=slot_mappings
         ):
-            return self.model(input_ids=input_ids.to(device), positions=positions.to(device))
+            hidden = self.model(input_ids=input_ids.to(device), positions=positions.to(device))
+        return hidden, focus
 
     @staticmethod
     def _focus_batch(req_ids, states, queries, device) -> FocusBatch | None:

@@ -16,11 +16,12 @@ from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, Schedul
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
+from vllm_focus.engine.metrics import DiffusionMetrics
 from vllm_focus.engine.settings import resolve_plan, server_settings
 from vllm_focus.model_executor.models.layout import family_of
 from vllm_focus.settings import SettingsError
 
-logger = init_logger(__name__)
+logger = init_logger(f"vllm.{__name__}")
 
 
 class MaskedDiffusionScheduler(Scheduler):
@@ -29,6 +30,10 @@ class MaskedDiffusionScheduler(Scheduler):
         self.diffusion_settings = server_settings(self.vllm_config)
         self.family = family_of(self.vllm_config.model_config.hf_config)
         self.canvas_length: dict[str, int] = {}
+        self.metrics = DiffusionMetrics(
+            self.vllm_config.model_config.served_model_name,
+            self.vllm_config.parallel_config.data_parallel_rank,
+        )
 
     def add_request(self, request: Request) -> None:
         try:
@@ -91,6 +96,23 @@ class MaskedDiffusionScheduler(Scheduler):
             budget -= prompt_len
         return admitted
 
+    def update_from_output(self, scheduler_output, model_runner_output):
+        # Only requests still here: vLLM handles aborts while a step runs, so a step's output
+        # may name a request that has already been freed (vLLM skips it too).
+        live = self.requests
+        committed = {
+            req_id: len(model_runner_output.sampled_token_ids[index])
+            for req_id, index in model_runner_output.req_id_to_index.items()
+            if req_id in live
+        }
+        step = getattr(model_runner_output, "diffusion_step", None)
+        if step is not None or committed:
+            self.metrics.on_step(step, committed, live)
+
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        self.metrics.maybe_write(idle=not self.requests)
+        return outputs
+
     def _update_request_with_output(self, request, new_token_ids, is_stale=False):
         new_token_ids, stopped = super()._update_request_with_output(
             request, new_token_ids, is_stale
@@ -104,4 +126,5 @@ class MaskedDiffusionScheduler(Scheduler):
 
     def _free_request(self, request: Request, delay_free_blocks: bool = False):
         self.canvas_length.pop(request.request_id, None)
+        self.metrics.on_finished(request.request_id, request.num_output_tokens)
         return super()._free_request(request, delay_free_blocks)

@@ -4,10 +4,12 @@ Every engine step the runner records one `StepRecord`: whether it was a refresh 
 request computed its whole recomputed range: a block start, or every step of cache `none`) or
 a within-block step, the seconds spent in the model (the forward and the logits, up to the
 copy of the logits to the host, which waits for the device) and in the whole `execute_model`
-call, and how many positions it computed. `DiffusionWorker.diffusion_stats()` returns them to
-the engine's caller (`LLM.collective_rpc("diffusion_stats")`); what lies outside
+call, how many positions it computed, and for each request that ran Focus attention how
+many prompt keys its queries attended over all layers. `DiffusionWorker.diffusion_stats()`
+returns them to the engine's caller (`LLM.collective_rpc("diffusion_stats")`); what lies outside
 `execute_model` (scheduler, inter-process queues, output processing) is the caller's wall time
-minus `runner_s`.
+minus `runner_s`. The same record rides back to the scheduler with the step's output
+(`DiffusionRunnerOutput`), which turns it into server metrics (engine/metrics.py).
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ class StepRecord:
     model_s: float
     runner_s: float
     query_tokens: int
+    # Per request under Focus this step: (prompt keys attended, summed over every layer;
+    # prompt length x layers). Their ratio is the share of the prompt the step attended.
+    focus_keys: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -36,17 +41,17 @@ class StepStats:
     query_tokens: int = 0
     records: list[StepRecord] = field(default_factory=list)
 
-    def record(self, refresh: bool, model_s: float, runner_s: float, query_tokens: int) -> None:
+    def record(self, step: StepRecord) -> None:
         self.steps += 1
-        self.refresh_steps += refresh
-        if refresh:
-            self.refresh_model_s += model_s
+        self.refresh_steps += step.refresh
+        if step.refresh:
+            self.refresh_model_s += step.model_s
         else:
-            self.block_model_s += model_s
-        self.runner_s += runner_s
-        self.query_tokens += query_tokens
+            self.block_model_s += step.model_s
+        self.runner_s += step.runner_s
+        self.query_tokens += step.query_tokens
         if len(self.records) < MAX_RECORDS:
-            self.records.append(StepRecord(refresh, model_s, runner_s, query_tokens))
+            self.records.append(step)
 
     def as_dict(self) -> dict:
         return asdict(self)
