@@ -211,6 +211,9 @@ def test_bad_config_fails_vllm_startup_with_the_key(tiny_dirs, tmp_path):
         ({"cache": "full"}, "`cache` must be one of ['none', 'prefix', 'dual']"),
         ({"block_length": -1}, "`block_length` must be an integer in [1, 4096]"),
         ({"blocklen": 8}, "unknown diffusion setting(s) ['blocklen']"),
+        ({"block_length": "8"}, "`block_length` must be an integer in [1, 4096], got '8'"),
+        ({"keep_ratio": 2}, "`keep_ratio` must be a number in (0, 1]"),
+        ([8], "must be an object"),
     ],
 )
 def test_bad_server_settings_fail_at_startup(tiny_dirs, settings, message):

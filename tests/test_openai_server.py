@@ -14,11 +14,6 @@ on `/metrics`.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -28,6 +23,7 @@ import pytest
 from vllm_focus.reference.decode import finish, generate
 from vllm_focus.reference.model import ReferenceModel
 from vllm_focus.settings import DiffusionSettings
+from vllm_focus.testing import server as serving
 
 SERVER_DEFAULTS = {
     "gen_length": 64,
@@ -41,67 +37,20 @@ SERVER_DEFAULTS = {
 MAX_MODEL_LEN = 512
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(tiny_dirs):
+def server(tiny_dirs, tmp_path_factory):
     model_dir = tiny_dirs["dream"]
-    port = _free_port()
-    vllm_cli = Path(sys.executable).parent / "vllm"
-    command = [
-        str(vllm_cli),
-        "serve",
-        model_dir,
-        "--port",
-        str(port),
-        "--host",
-        "127.0.0.1",
-        "--dtype",
-        "float32",
-        "--enforce-eager",
-        "--max-model-len",
-        str(MAX_MODEL_LEN),
-        "--kv-cache-memory-bytes",
-        str(8 << 20),
-        "--attention-backend",
-        "focus",
-        "--additional-config",
-        json.dumps({"focus_dllm": SERVER_DEFAULTS}),
-    ]
-    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
-    # Run outside the repository so its top-level folders can never shadow packages.
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd="/")
-    base = f"http://127.0.0.1:{port}"
+    log_path = tmp_path_factory.mktemp("server") / "serve.log"
+    args = ["--dtype", "float32", "--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN)]
+    args += ["--kv-cache-memory-bytes", str(8 << 20), "--attention-backend", "focus"]
+    process = serving.start(
+        model_dir, *args, log_path=str(log_path), additional={"focus_dllm": SERVER_DEFAULTS}
+    )
     try:
-        _wait_healthy(base, process, log.name)
-        yield base, model_dir, log.name
+        serving.wait_healthy(process)
+        yield process.base, model_dir, str(log_path)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        os.unlink(log.name)
-
-
-def _wait_healthy(base: str, process, log_path: str, timeout: float = 300) -> None:
-    import urllib.request
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError("vllm serve exited:\n" + Path(log_path).read_text()[-5000:])
-        try:
-            with urllib.request.urlopen(base + "/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError("vllm serve did not become healthy:\n" + Path(log_path).read_text()[-5000:])
+        process.stop()
 
 
 @pytest.fixture(scope="module")
