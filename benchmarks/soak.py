@@ -24,7 +24,9 @@ Checked and reported (results JSON: `benchmarks/results/soak.json` by default):
 - when the load is over: `vllm:num_requests_running` / `waiting` 0 and the KV cache usage 0
   (no block left allocated), from `/metrics`;
 - p50 / p99 latency, requests/s and output tokens/s; the peak number of requests waiting for
-  cache; the resident memory of the server's processes at idle before and after the load.
+  cache; the resident memory of the server's processes at idle before the load and after each
+  quarter of it (the load runs in four parts, each draining to idle), to tell a leak (growth
+  every quarter) from allocators keeping their high-water mark (growth once).
 """
 
 from __future__ import annotations
@@ -191,17 +193,20 @@ def scrape(base: str) -> dict[str, float]:
     return values
 
 
-def server_rss_mb(pid: int) -> float:
+def server_rss_mb(pid: int) -> dict[str, float]:
+    """Resident MiB of the server's processes: the API server (`pid`), its children (the
+    engine core, vLLM's helpers) and the total."""
     import psutil
 
     root = psutil.Process(pid)
-    total = 0
-    for process in [root, *root.children(recursive=True)]:
+    sizes = {"api_server": root.memory_info().rss / 2**20, "children": 0.0}
+    for process in root.children(recursive=True):
         try:
-            total += process.memory_info().rss
+            sizes["children"] += process.memory_info().rss / 2**20
         except psutil.NoSuchProcess:
             continue
-    return total / 2**20
+    sizes["total"] = sizes["api_server"] + sizes["children"]
+    return {k: round(v, 1) for k, v in sizes.items()}
 
 
 async def wait_idle(base: str, timeout_s: float = 120) -> dict[str, float]:
@@ -238,8 +243,8 @@ class Report:
     idle_running: float
     idle_waiting: float
     idle_kv_cache_usage: float
-    rss_idle_before_mb: float | None
-    rss_idle_after_mb: float | None
+    # Server memory at idle: after the solo runs, then after each quarter of the load.
+    rss_idle_mb: list = field(default_factory=list)
     kinds: dict = field(default_factory=dict)
     error_samples: list = field(default_factory=list)
     diffusion_metrics: dict = field(default_factory=dict)
@@ -277,7 +282,7 @@ async def soak(
                 raise RuntimeError(f"solo run of spec {spec.index} failed: {outcome.error}")
             alone[spec.index] = outcome.text
         await wait_idle(base)
-        rss_before = server_rss_mb(server_pid) if server_pid else None
+        rss = [server_rss_mb(server_pid)] if server_pid else []
 
         plan = []
         for _ in range(requests):
@@ -287,8 +292,6 @@ async def soak(
             patience = 0.05 + 0.3 * rng.random() if kind == "timeout" else timeout_s
             plan.append((rng.choice(specs), kind, patience))
         queue: asyncio.Queue = asyncio.Queue()
-        for item in plan:
-            queue.put_nowait(item)
         outcomes: list[Outcome] = []
         peaks = {"waiting": 0.0, "running": 0.0}
         progress = tqdm(total=requests, desc="soak requests")
@@ -311,14 +314,19 @@ async def soak(
 
         stop = asyncio.Event()
         watcher = asyncio.create_task(watch(stop))
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - started
+        wall = 0.0
+        for quarter in range(4):
+            for item in plan[quarter * requests // 4 : (quarter + 1) * requests // 4]:
+                queue.put_nowait(item)
+            started = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            wall += time.perf_counter() - started
+            idle = await wait_idle(base)
+            if server_pid:
+                rss.append(server_rss_mb(server_pid))
         stop.set()
         await watcher
         progress.close()
-        idle = await wait_idle(base)
-        rss_after = server_rss_mb(server_pid) if server_pid else None
 
     done = [o for o in outcomes if o.ok]
     errors = [o for o in outcomes if not o.ok and not o.cut]
@@ -348,8 +356,7 @@ async def soak(
         idle_running=idle.get("vllm:num_requests_running", -1),
         idle_waiting=idle.get("vllm:num_requests_waiting", -1),
         idle_kv_cache_usage=idle.get("vllm:kv_cache_usage_perc", -1),
-        rss_idle_before_mb=rss_before,
-        rss_idle_after_mb=rss_after,
+        rss_idle_mb=rss,
         kinds=kinds,
         error_samples=[o.error for o in errors[:5]]
         + [f"spec {o.spec}: {o.text!r} != {alone[o.spec]!r}" for o in mismatches[:5]],

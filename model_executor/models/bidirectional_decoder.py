@@ -37,7 +37,8 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.sequence import IntermediateTensors
 
-from vllm_focus.engine.focus_attention import FocusAttentionBackend, focus_selected
+from vllm_focus.engine.config_hook import focus_requested
+from vllm_focus.engine.focus_attention import FocusAttentionBackend
 from vllm_focus.model_executor.models.layout import (
     CheckpointError,
     check_checkpoint,
@@ -115,7 +116,7 @@ class DiffusionAttention(nn.Module):
             rope_parameters=rope_parameters(config),
         )
         # The CPU platform ignores --attention-backend; the layer is told directly.
-        backend = FocusAttentionBackend if focus_selected(vllm_config) else None
+        backend = FocusAttentionBackend if focus_requested(vllm_config) else None
         self.attn = Attention(
             self.num_heads,
             self.head_dim,

@@ -28,20 +28,11 @@ from vllm.v1.attention.backend import (
     AttentionMetadataBuilder,
     CommonAttentionMetadata,
 )
-from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
 from vllm_focus.policy import top_indices
 from vllm_focus.settings import FocusPlan
 
 NAME = "FOCUS"
-
-
-def focus_selected(vllm_config: Any) -> bool:
-    """Whether the server runs Focus attention (`--attention-backend focus`)."""
-    attention = getattr(vllm_config, "attention_config", None)
-    if getattr(attention, "backend", None) is not AttentionBackendEnum.CUSTOM:
-        return False
-    return AttentionBackendEnum.CUSTOM.get_path() == f"{__name__}.FocusAttentionBackend"
 
 
 @dataclass

@@ -112,7 +112,7 @@ class _Request:
 class DiffusionMetrics:
     """The engine side: accumulates per step and per request, writes snapshots."""
 
-    def __init__(self, model_name: str, engine_index: int = 0) -> None:
+    def __init__(self, model_name: str, engine_index: int = 0, directory: str | None = None):
         self.model_name = model_name
         self.engine_index = engine_index
         self.steps = dict.fromkeys(PHASES, 0)
@@ -120,7 +120,8 @@ class DiffusionMetrics:
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.histograms = {name: _Histogram(b) for name, (_, b) in HISTOGRAMS.items()}
         self.requests: dict[str, _Request] = {}
-        self.path = os.path.join(snapshot_dir(_owner_pid()), f"engine-{engine_index}.json")
+        directory = directory or snapshot_dir(_owner_pid())
+        self.path = os.path.join(directory, f"engine-{engine_index}.json")
         self._written = 0.0
         self._dirty = False
 

@@ -20,8 +20,9 @@ from vllm.forward_context import set_forward_context
 from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 
+from vllm_focus.engine.config_hook import focus_requested
 from vllm_focus.engine.decoder import RequestState
-from vllm_focus.engine.focus_attention import FocusBatch, FocusMetadata, focus_selected
+from vllm_focus.engine.focus_attention import FocusBatch, FocusMetadata
 from vllm_focus.engine.settings import resolve_plan, server_settings
 from vllm_focus.engine.stats import StepRecord, StepStats
 
@@ -57,7 +58,7 @@ class DiffusionRunnerMixin:
         model = self.get_model()
         self._logits_shift = getattr(type(model), "logits_shift", 0)
         self._family = model.family
-        self._focus = focus_selected(self.vllm_config)
+        self._focus = focus_requested(self.vllm_config)
         self.diffusion_stats = StepStats()
 
     def _add_diffusion_request(self, new_req) -> None:

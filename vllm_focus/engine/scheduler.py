@@ -7,6 +7,9 @@ needs another block and never has to be preempted. The runner decides which posi
 step computes; the scheduler only accounts one nominal token per running request and the
 prompt length for an admission. Committed blocks come back as sampled tokens and go through
 vLLM's own stop checks (EOS, stop ids, max_tokens); the canvas cap ends the rest.
+
+It also feeds the diffusion metrics (engine/metrics.py) from each step's runner record and
+committed tokens.
 """
 
 from __future__ import annotations

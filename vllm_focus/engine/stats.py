@@ -14,10 +14,10 @@ minus `runner_s`. The same record rides back to the scheduler with the step's ou
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 # A bounded log: a long-running server keeps the totals, not every step.
-MAX_RECORDS = 65536
+MAX_RECORDS = 16384
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,8 @@ class StepStats:
         self.runner_s += step.runner_s
         self.query_tokens += step.query_tokens
         if len(self.records) < MAX_RECORDS:
-            self.records.append(step)
+            # Without the per-request Focus counts: those are the metrics' (engine/metrics.py).
+            self.records.append(replace(step, focus_keys={}))
 
     def as_dict(self) -> dict:
         return asdict(self)
