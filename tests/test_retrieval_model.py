@@ -1,0 +1,102 @@
+"""The shipped retrieval model (examples/models/kv-retrieval-llada): it is exactly the circuit
+`vllm_focus.testing.retrieval` writes, it answers through the reference decoder and through
+vLLM, dense and with Focus (token for token as the reference's Focus), and Focus with too small
+a kept-prompt budget loses answers — so Focus is really deciding what the model sees."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from vllm_focus.reference.decode import served_outputs
+from vllm_focus.reference.model import ReferenceModel
+from vllm_focus.settings import DiffusionSettings
+from vllm_focus.testing.retrieval import KVTask, write_retrieval_checkpoint
+
+SHIPPED = Path(__file__).resolve().parent.parent / "examples" / "models" / "kv-retrieval-llada"
+LENGTH = 640
+DECODE = {"block_length": 4, "min_prompt_len": 256}
+
+
+def test_shipped_checkpoint_is_the_written_circuit(tmp_path):
+    written = write_retrieval_checkpoint(tmp_path / "model")
+    names = sorted(p.name for p in SHIPPED.iterdir() if p.name != "README.md")
+    assert names == sorted(p.name for p in written.iterdir())
+    for name in names:
+        assert (SHIPPED / name).read_bytes() == (written / name).read_bytes(), name
+
+
+@pytest.fixture(scope="module")
+def questions():
+    rng = random.Random(7)
+    task = KVTask()
+    return task, [task.question_for(rng, LENGTH) for _ in range(12)]
+
+
+def test_reference_decoder_answers(questions):
+    task, items = questions
+    model = ReferenceModel(SHIPPED)
+    for settings, focus in (({**DECODE}, False), ({**DECODE}, True)):
+        outputs = served_outputs(
+            model,
+            [q.prompt for q in items[:4]],
+            DiffusionSettings(**settings),
+            [4] * 4,
+            focus=focus,
+        )
+        assert [out[:3] for out in outputs] == [q.answer for q in items[:4]]
+        assert all(out[3] == task.eos for out in outputs)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM
+
+    engine = LLM(
+        model=str(SHIPPED),
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=LENGTH + 64,
+        kv_cache_memory_bytes=64 << 20,
+        attention_backend="focus",
+    )
+    yield engine
+    engine.llm_engine.engine_core.shutdown()
+
+
+def _answers(llm, items, settings):
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=4, extra_args=settings)
+    outputs = llm.generate([{"prompt_token_ids": q.prompt} for q in items], params)
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def test_vllm_answers_dense_and_with_focus(llm, questions):
+    task, items = questions
+    dense = _answers(llm, items, {**DECODE, "min_prompt_len": 100_000})
+    focus = _answers(llm, items, DECODE)
+    assert [out[:3] for out in dense] == [q.answer for q in items]
+    assert [out[:3] for out in focus] == [q.answer for q in items]
+    reference = served_outputs(
+        ReferenceModel(SHIPPED),
+        [q.prompt for q in items[:3]],
+        DiffusionSettings(**DECODE),
+        [4] * 3,
+        focus=True,
+    )
+    assert focus[:3] == reference
+
+
+def test_focus_with_one_kept_block_loses_answers(llm, questions):
+    """Keeping one 64-token prompt block (the BOS block outscores the record's) and no sinks
+    hides the record from the lookup layer in the within-block steps."""
+    _, items = questions
+    settings = {**DECODE, "keep_ratio": 0.01, "min_keep_tokens": 64, "num_sinks": 0}
+    answers = _answers(llm, items, settings)
+    right = sum(out[:3] == q.answer for out, q in zip(answers, items))
+    assert right <= len(items) // 2
