@@ -35,10 +35,8 @@ import argparse
 import asyncio
 import json
 import random
-import re
 import tempfile
 import time
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -182,14 +180,13 @@ async def send(client, base: str, model: str, spec: Spec, kind: str, timeout_s: 
 
 
 def scrape(base: str) -> dict[str, float]:
-    """Unlabelled view of the vLLM gauges the soak watches (summed over label sets)."""
-    with urllib.request.urlopen(base + "/metrics", timeout=10) as response:
-        text = response.read().decode()
+    """Unlabelled view of the vLLM and vllm-focus samples (summed over label sets)."""
+    from vllm_focus.testing.server import metric_samples
+
     values: dict[str, float] = {}
-    for line in text.splitlines():
-        match = re.fullmatch(r"(vllm(?:_focus)?:\w+)(?:\{.*\})? (\S+)", line)
-        if match:
-            values[match[1]] = values.get(match[1], 0.0) + float(match[2])
+    for name, _, value in metric_samples(base):
+        if name.startswith(("vllm:", "vllm_focus:")):
+            values[name] = values.get(name, 0.0) + value
     return values
 
 
@@ -210,8 +207,7 @@ def server_rss_mb(pid: int) -> dict[str, float]:
 
 
 async def wait_idle(base: str, timeout_s: float = 120) -> dict[str, float]:
-    deadline = time.time() + timeout_s
-    values = scrape(base)
+    deadline, values = time.time() + timeout_s, {}
     while time.time() < deadline:
         values = scrape(base)
         busy = values.get("vllm:num_requests_running", 0) + values.get(

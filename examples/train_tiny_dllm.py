@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vllm_focus.testing.retrieval import VALUE_DIGITS, KVTask, vocabulary, write_task_checkpoint
+from vllm_focus.testing.retrieval import VALUE_DIGITS, KVTask, write_task_checkpoint
 
 # ---------------------------------------------------------------------------- the model
 
@@ -92,11 +92,6 @@ class LLaDAModel(torch.nn.Module):
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {name: w.detach().cpu().contiguous() for name, w in zip(self.names, self.weights)}
-
-    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for name, w in zip(self.names, self.weights):
-                w.copy_(tensors[name])
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B, T] -> logits [B, T, vocab]."""
@@ -184,9 +179,8 @@ def train(args) -> None:
     rng = random.Random(args.seed)
     device = torch.device(args.device)
     task = KVTask()
-    vocab = vocabulary()
     shape = Shape(args.d_model, args.layers, args.heads, args.mlp_hidden)
-    model = LLaDAModel(shape, len(vocab)).to(device)
+    model = LLaDAModel(shape, len(task.words)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -235,10 +229,10 @@ def train(args) -> None:
             }
             torch.save(state, state_path)
     minutes = (time.time() - started) / 60
-    export(model, shape, vocab, Path(args.out), args, log, minutes)
+    export(model, shape, Path(args.out), args, log, minutes)
 
 
-def export(model, shape: Shape, vocab: list[str], out: Path, args, log, minutes: float) -> None:
+def export(model, shape: Shape, out: Path, args, log, minutes: float) -> None:
     """Write the checkpoint in LLaDA's published layout, with the training record."""
     write_task_checkpoint(
         out,

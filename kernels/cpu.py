@@ -83,6 +83,11 @@ def _attended_rows(key_cache, value_cache, block_table, req, positions, span):
         owner = torch.full((keys.shape[0],), -1, dtype=torch.long, device=positions.device)
         owner[row_of] = positions
         return keys, values, owner
+    return _exact_rows(key_cache, value_cache, block_table, req, positions, span)
+
+
+def _exact_rows(key_cache, value_cache, block_table, req, positions, span):
+    """(keys, values, positions): exactly the rows of `positions`, views where they allow."""
     keys = _rows_of(key_cache, block_table, req, positions, span)
     values = _rows_of(value_cache, block_table, req, positions, span)
     return keys, values, positions
@@ -157,9 +162,9 @@ def paged_attention_cpu(
         if owner.numel() != positions.numel() and not torch.isfinite(result[tokens]).all():
             # A masked row of the span (another request's, or not yet written) holds a value
             # that is not finite, and 0 x inf poisons the sum: attend over exact rows instead.
-            keys = _rows_of(key_cache, block_table, req, positions, span)
-            values = _rows_of(value_cache, block_table, req, positions, span)
-            owner = positions
+            keys, values, owner = _exact_rows(
+                key_cache, value_cache, block_table, req, positions, span
+            )
             mass = _attend(q, tokens, keys, values, owner, scale, result, bool(prompt_len))
         if mass is not None:
             in_prompt = (owner >= 0) & (owner < prompt_len)

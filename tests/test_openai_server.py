@@ -334,22 +334,16 @@ def test_startup_log_states_the_settings(server):
 def _scrape(base: str, model: str, prefix: str = "vllm_focus") -> dict[str, float]:
     """`prefix:` samples of `model` on /metrics, keyed `name` or `name{label=value}` by
     the labels other than model_name and engine."""
-    import re
-    import urllib.request
-
-    with urllib.request.urlopen(base + "/metrics", timeout=10) as response:
-        text = response.read().decode()
     values: dict[str, float] = {}
-    for line in text.splitlines():
-        match = re.fullmatch(prefix + r":(\w+)\{(.*)\} (\S+)", line)
-        if not match:
+    for name, labels, value in serving.metric_samples(base):
+        if not name.startswith(prefix + ":"):
             continue
-        name, labels, value = match.groups()
-        pairs = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        pairs = dict(labels)
         if pairs.pop("model_name", None) != model or pairs.pop("engine", None) != "0":
             continue
         extra = ",".join(f'{k}="{v}"' for k, v in sorted(pairs.items()))
-        values[f"{name}{{{extra}}}" if extra else name] = float(value)
+        key = name.removeprefix(prefix + ":")
+        values[f"{key}{{{extra}}}" if extra else key] = value
     return values
 
 

@@ -100,3 +100,45 @@ def test_focus_with_one_kept_block_loses_answers(llm, questions):
     answers = _answers(llm, items, settings)
     right = sum(out[:3] == q.answer for out, q in zip(answers, items))
     assert right <= len(items) // 2
+
+
+def test_training_forward_is_the_reference_forward(tmp_path):
+    """examples/train_tiny_dllm.py trains its own batched forward; exported, its weights must
+    give the reference model's logits (what vLLM and the decoders run)."""
+    import importlib.util
+    import sys
+
+    import torch
+
+    from vllm_focus.testing.retrieval import write_task_checkpoint
+
+    path = SHIPPED.parent.parent / "train_tiny_dllm.py"
+    spec = importlib.util.spec_from_file_location("train_tiny_dllm", path)
+    trainer = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = trainer  # its dataclasses resolve annotations through it
+    spec.loader.exec_module(trainer)
+    torch.manual_seed(0)
+    shape = trainer.Shape(d_model=64, n_layers=2, n_heads=2, mlp_hidden=96)
+    task = KVTask()
+    model = trainer.LLaDAModel(shape, len(task.words))
+    with torch.no_grad():  # peaked attention (the 0.02 init attends almost uniformly)
+        for name, weight in zip(model.names, model.weights):
+            if name.endswith("norm.weight") or name.endswith("ln_f.weight"):
+                weight.add_(0.1 * torch.randn_like(weight))
+            else:
+                weight.mul_(25)
+    out = write_task_checkpoint(
+        tmp_path / "trained",
+        model.tensors(),
+        hidden=shape.d_model,
+        layers=shape.n_layers,
+        heads=shape.n_heads,
+        mlp_hidden=shape.mlp_hidden,
+        rope_theta=shape.rope_theta,
+        max_len=shape.max_len,
+    )
+    ids = task.question_for(random.Random(1), 96).prompt + [task.mask] * 4
+    with torch.no_grad():
+        trained = model(torch.tensor([ids]))[0]
+    reference, _ = ReferenceModel(out).forward(torch.tensor(ids))
+    assert (trained - reference).abs().max() <= 1e-4 * reference.abs().max()

@@ -26,6 +26,7 @@ from vllm.v1.attention.backends.registry import AttentionBackendEnum
 from vllm_focus import FOCUS_BACKEND, MODEL_CLASSES
 from vllm_focus.engine import metrics
 from vllm_focus.engine.settings import CONFIG_KEY, server_settings
+from vllm_focus.settings import FocusPlan
 
 # Under vLLM's logger so that its handler and format (and VLLM_LOGGING_LEVEL) apply.
 logger = init_logger(f"vllm.{__name__}")
@@ -52,8 +53,7 @@ class MaskedDiffusionConfig(VerifyAndUpdateConfig):
         # /metrics is served by this (the API) process; the engine core writes the snapshots.
         metrics.install_collector()
         attention = "Focus (FOCUS backend)" if focus_requested(vllm_config) else "dense"
-        focus_knobs = {"window", "dense_layers", "num_sinks", "prompt_block_size"}
-        focus_knobs |= {"keep_ratio", "min_keep_tokens", "min_prompt_len"}
+        focus_knobs = {f.name for f in fields(FocusPlan)}
         values = {f.name: getattr(settings, f.name) for f in fields(settings)}
         logger.info(
             "vllm-focus: serving %s as a masked diffusion model; attention: %s; "

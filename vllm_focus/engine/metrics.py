@@ -38,6 +38,7 @@ whole recomputed range — or `block`, a within-block step):
 from __future__ import annotations
 
 import atexit
+import bisect
 import json
 import math
 import multiprocessing
@@ -96,8 +97,7 @@ class _Histogram:
             self.counts = [0] * (len(self.bounds) + 1)
 
     def observe(self, value: float) -> None:
-        index = next((i for i, b in enumerate(self.bounds) if value <= b), len(self.bounds))
-        self.counts[index] += 1
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1  # the first bound >= value
         self.total += value
 
 

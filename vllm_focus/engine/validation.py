@@ -87,15 +87,14 @@ def check_sampling(sampling_params) -> None:
 
 def check_prompt(prompt_token_ids, mask_token_id: int) -> None:
     """The mask token marks positions to generate; inside a prompt it is refused."""
-    for index, token in enumerate(prompt_token_ids):
-        if token == mask_token_id:
-            raise VLLMValidationError(
-                f"the prompt holds the mask token (id {mask_token_id}) at position {index}; the "
-                "model reserves it for the positions it generates, so a prompt may not contain "
-                "it",
-                parameter="prompt",
-                value=mask_token_id,
-            )
+    if mask_token_id in prompt_token_ids:
+        index = prompt_token_ids.index(mask_token_id)
+        raise VLLMValidationError(
+            f"the prompt holds the mask token (id {mask_token_id}) at position {index}; the "
+            "model reserves it for the positions it generates, so a prompt may not contain it",
+            parameter="prompt",
+            value=mask_token_id,
+        )
 
 
 def check_request(vllm_config, sampling_params, prompt_token_ids) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -63,10 +62,22 @@ def start(model_dir: str, *args: str, log_path: str, additional: dict | None = N
         stdout=log,
         stderr=subprocess.STDOUT,
         cwd="/",
-        env={**os.environ},
     )
     log.close()
     return Server(process, f"http://127.0.0.1:{port}", log_path)
+
+
+def metric_samples(base: str) -> list[tuple[str, dict[str, str], float]]:
+    """Every sample on the server's `/metrics`: (name, labels, value)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(base + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return [
+        (sample.name, sample.labels, sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    ]
 
 
 def wait_healthy(server: Server, timeout: float = 300) -> None:
