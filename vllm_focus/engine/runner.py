@@ -182,11 +182,32 @@ class DiffusionRunnerMixin:
             for name in group.layer_names:
                 metadata[name] = built
                 slot_mappings[name] = common.slot_mapping
+        input_ids, positions = self._stage_inputs(input_ids, positions)
         with set_forward_context(
             metadata, self.vllm_config, num_tokens=num_tokens, slot_mapping=slot_mappings
         ):
-            hidden = self.model(input_ids=input_ids.to(device), positions=positions.to(device))
+            hidden = self.model(input_ids=input_ids, positions=positions)
         return hidden, focus
+
+    def _stage_inputs(self, input_ids, positions) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's ids and positions, copied into vLLM's own persistent input buffers.
+
+        vLLM compiles the model at warm-up on these buffers (int32 ids, int64 positions) and
+        drops Dynamo's guards, so the compiled graph assumes their dtypes and device: a tensor
+        of another dtype is read as if it had theirs (int64 ids read as int32 give wrong
+        tokens, silently).
+        """
+        count = positions.numel()
+        if count > self.max_num_tokens:
+            raise RuntimeError(
+                f"a forward of {count} tokens exceeds max_num_batched_tokens "
+                f"({self.max_num_tokens}); the scheduler must not schedule it"
+            )
+        ids = self.input_ids.gpu[:count]
+        ids.copy_(input_ids, non_blocking=True)
+        staged_positions = self.positions[:count]
+        staged_positions.copy_(positions, non_blocking=True)
+        return ids, staged_positions
 
     @staticmethod
     def _focus_batch(req_ids, states, queries, device) -> FocusBatch | None:
