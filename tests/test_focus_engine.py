@@ -41,7 +41,6 @@ def engine(request, tmp_path_factory):
     llm = LLM(
         model=model_dir,
         dtype="float32",
-        enforce_eager=True,
         max_model_len=1024,
         kv_cache_memory_bytes=16 << 20,
         attention_backend="focus",

@@ -1,7 +1,11 @@
 """`LLM.generate` through vLLM's engine equals the reference decoder, token for token.
 
-One engine per model family (float32, tiny checkpoints). Its KV cache holds 1.5 sequences of
-`max_model_len`, so batches also exercise admission waiting for freed blocks.
+One engine per model family (float32, tiny checkpoints), in vLLM's default mode: the model is
+compiled (torch.compile + inductor on CPU), as `LLM(model=...)` and `vllm serve` run it. Its KV
+cache holds 1.5 sequences of `max_model_len` in blocks of 32 tokens, so batches also exercise
+admission waiting for freed blocks; its token budget is the smallest allowed
+(`max_num_batched_tokens` = `max_model_len`), so refreshes of several requests that reach a
+block start together do not fit in one forward and are staggered.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from vllm_focus.reference.model import ReferenceModel
 from vllm_focus.settings import DiffusionSettings
 
 MAX_MODEL_LEN = 512
-BLOCK_TOKENS = 128  # vLLM's CPU KV-cache block size
+BLOCK_SIZE = 32  # KV-cache block (vLLM's CPU default is 128): finer admission by KV space
 PROMPT_LENGTHS = [1, 7, 50, 130, 300]
 MAX_TOKENS = [10, 64, 33, 64, 20]
 
@@ -30,20 +34,26 @@ def _bytes_per_token(model_dir: str) -> int:
     return 2 * layers * kv_heads * (hidden // heads) * 4
 
 
-@pytest.fixture(scope="module", params=["dream-gqa3", "llada"])
-def engine(request, tiny_dirs):
+def _engine(model_dir: str, **kwargs):
     from vllm import LLM
 
-    model_dir = tiny_dirs[request.param]
     kv_tokens = 3 * MAX_MODEL_LEN // 2
-    llm = LLM(
+    return LLM(
         model=model_dir,
         dtype="float32",
-        enforce_eager=True,
         max_model_len=MAX_MODEL_LEN,
+        max_num_batched_tokens=MAX_MODEL_LEN,
+        block_size=BLOCK_SIZE,
         kv_cache_memory_bytes=kv_tokens * _bytes_per_token(model_dir),
         seed=0,
+        **kwargs,
     )
+
+
+@pytest.fixture(scope="module", params=["dream-gqa3", "llada"])
+def engine(request, tiny_dirs):
+    model_dir = tiny_dirs[request.param]
+    llm = _engine(model_dir)
     yield llm, ReferenceModel(model_dir)
     llm.llm_engine.engine_core.shutdown()
 
@@ -214,3 +224,46 @@ def test_step_timings_account_for_every_step(engine):
             assert computed == [114] * 16
         assert all(0 < r["model_s"] <= r["runner_s"] for r in stats["records"])
         assert stats["refresh_model_s"] + stats["block_model_s"] <= stats["runner_s"]
+
+
+def test_compiled_engine_equals_eager_engine(engine, tiny_dirs):
+    """vLLM's default (compiled) mode and `enforce_eager=True` give the same tokens: every
+    cache mode and refresh policy, greedy and seeded, on one batch."""
+    llm, reference = engine
+    prompts = _prompts(reference)
+    cases = [(mode, 0.0, None) for mode in MODES] + [(MODES[3], 0.7, 77), (MODES[0], 0.7, 78)]
+    runs = []
+    for mode, temperature, seed in cases:
+        settings = {"gen_length": 64, "block_length": 16, **mode}
+        runs.append((settings, temperature, seed))
+    compiled = [_generate(llm, prompts, *run, MAX_TOKENS) for run in runs]
+    eager_llm = _engine(str(reference.model_dir), enforce_eager=True)
+    try:
+        eager = [_generate(eager_llm, prompts, *run, MAX_TOKENS) for run in runs]
+    finally:
+        eager_llm.llm_engine.engine_core.shutdown()
+    assert compiled == eager
+
+
+def test_simultaneous_refreshes_are_staggered_within_the_budget(engine):
+    """Four requests arrive together; their first forwards (and every block start) together
+    exceed the token budget. Each forward stays within it, refreshes wait for later engine
+    steps while the others decode, and every output equals its solo reference decode."""
+    from vllm import SamplingParams
+
+    llm, reference = engine
+    vocab = reference.config.vocab_size - 8
+    prompts = [[(5 * i + n) % vocab for i in range(n)] for n in (116, 100, 90, 116)]
+    settings = {"gen_length": 64, "block_length": 16, "cache": "dual"}
+    params = SamplingParams(temperature=0.0, max_tokens=64, extra_args=settings)
+    refreshes = [len(p) + 64 for p in prompts]
+    assert sum(refreshes) > MAX_MODEL_LEN  # the budget
+    llm.collective_rpc("diffusion_stats", kwargs={"reset": True})
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    (stats,) = llm.collective_rpc("diffusion_stats", kwargs={"reset": True})
+    computed = [r["query_tokens"] for r in stats["records"]]
+    assert max(computed) <= MAX_MODEL_LEN
+    # Some forward ran one request's refresh beside others' within-block steps (16 rows each).
+    assert any(n - r in (16, 32, 48) for n in computed for r in refreshes)
+    want = served_outputs(reference, prompts, DiffusionSettings(**settings), [64] * 4)
+    assert [list(o.outputs[0].token_ids) for o in outputs] == want

@@ -120,7 +120,6 @@ def test_runner_on_synthetic_records(tmp_path):
             "--focus-knobs", json.dumps({"min_prompt_len": 64}),
             "--no-chat",
             "--dtype", "float32",
-            "--enforce-eager",
             "--kv-cache-bytes", str(64 << 20),
             "--out", str(tmp_path / "longbench.json"),
         ]

@@ -41,7 +41,7 @@ MAX_MODEL_LEN = 512
 def server(tiny_dirs, tmp_path_factory):
     model_dir = tiny_dirs["dream"]
     log_path = tmp_path_factory.mktemp("server") / "serve.log"
-    args = ["--dtype", "float32", "--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN)]
+    args = ["--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN)]
     args += ["--kv-cache-memory-bytes", str(8 << 20), "--attention-backend", "focus"]
     process = serving.start(
         model_dir, *args, log_path=str(log_path), additional={"focus_dllm": SERVER_DEFAULTS}

@@ -59,7 +59,6 @@ def llm():
     engine = LLM(
         model=str(SHIPPED),
         dtype="float32",
-        enforce_eager=True,
         max_model_len=LENGTH + 64,
         kv_cache_memory_bytes=64 << 20,
         attention_backend="focus",

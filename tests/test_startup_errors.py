@@ -2,9 +2,11 @@
 before it accepts any request (it never reports "Application startup complete").
 
 Each case is a real `vllm serve` process: an invalid `--additional-config` value, a checkpoint
-with a broken config.json or a missing shard, and `--attention-backend focus` on an
-architecture the plugin does not serve. (In-process checks of more setting values live in
-test_configs.py.)
+with a broken config.json or a missing shard, a head size the dense CPU attention cannot run,
+and `--attention-backend focus` on an architecture the plugin does not serve. Engine options
+that assume token-by-token decoding are refused by the config hook; those are checked in
+process (`EngineArgs.create_engine_config`, what `vllm serve` and `LLM` call first). (More
+setting values: test_configs.py.)
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import pytest
 
 from vllm_focus.testing import server as serving
 
-COMMON = ("--dtype", "float32", "--enforce-eager", "--max-model-len", "512")
+COMMON = ("--dtype", "float32", "--max-model-len", "512")
 COMMON += ("--kv-cache-memory-bytes", str(8 << 20))
 
 
@@ -48,6 +50,11 @@ def _broken_copy(tiny_dir: str, out: Path, how: str) -> Path:
     shutil.copytree(tiny_dir, out)
     if how == "missing shard":
         (out / "model-00002-of-00002.safetensors").unlink()
+    elif how == "head size 16 on the dense CPU path":
+        # Same tensors, twice the heads (LLaDA's keys): d_model 128 / 8 heads = head size 16.
+        config = json.loads((out / "config.json").read_text())
+        config["n_heads"] = config["n_kv_heads"] = 8
+        (out / "config.json").write_text(json.dumps(config))
     elif how == "mask id outside the vocabulary":
         config = json.loads((out / "config.json").read_text())
         config["mask_token_id"] = config["vocab_size"] + 5
@@ -64,6 +71,12 @@ CASES = {
     ),
     "mask id outside the vocabulary": ("dream", [], None, ["mask_token_id"]),
     "missing shard": ("llada", [], None, ["model-00002-of-00002.safetensors"]),
+    "head size 16 on the dense CPU path": (
+        "llada",
+        [],
+        None,
+        ["has head size 16", "allowed head sizes: [32, 64", "--attention-backend focus"],
+    ),
     "focus on an unsupported architecture": (
         "llama",
         ["--attention-backend", "focus"],
@@ -89,3 +102,56 @@ def test_bad_configuration_stops_the_server_at_startup(case, tiny_dirs, tmp_path
     assert "Application startup complete" not in log
     for message in messages:
         assert message in log, log[-3000:]
+
+
+OPTIONS = {
+    "pipeline parallel": ({"pipeline_parallel_size": 2}, "--pipeline-parallel-size 2"),
+    "data parallel": ({"data_parallel_size": 2}, "--data-parallel-size 2"),
+    "speculative decoding": (
+        {"speculative_config": {"method": "ngram", "num_speculative_tokens": 2}},
+        "speculative decoding (--speculative-config)",
+    ),
+    "LoRA": ({"enable_lora": True}, "LoRA (--enable-lora)"),
+    "KV connector": (
+        {"kv_transfer_config": {"kv_connector": "ExampleConnector", "kv_role": "kv_both"}},
+        "a KV connector (--kv-transfer-config)",
+    ),
+    "prefix caching": ({"enable_prefix_caching": True}, "--enable-prefix-caching"),
+    "async scheduling": ({"async_scheduling": True}, "--async-scheduling"),
+    "FOCUS with an fp8 cache": (
+        {"attention_backend": "focus", "kv_cache_dtype": "fp8"},
+        "--kv-cache-dtype fp8 is not supported by the FOCUS attention backend",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(OPTIONS))
+def test_unsupported_engine_options_are_refused_with_the_flag_named(case, tiny_dirs):
+    from vllm.engine.arg_utils import EngineArgs
+
+    import vllm_focus
+
+    vllm_focus.register()
+    options, message = OPTIONS[case]
+    with pytest.raises(Exception) as info:
+        EngineArgs(model=tiny_dirs["llada"], dtype="float32", **options).create_engine_config()
+    assert message in str(info.value)
+    assert "is not supported" in str(info.value)
+
+
+def test_default_options_and_explicitly_off_prefix_caching_start(tiny_dirs):
+    """What the hook turns off itself is fine to turn off by hand; the defaults pass; CUDA
+    graphs are off and the budget holds one whole request."""
+    from vllm.config import CUDAGraphMode
+    from vllm.engine.arg_utils import EngineArgs
+
+    import vllm_focus
+
+    vllm_focus.register()
+    for options in ({}, {"enable_prefix_caching": False, "async_scheduling": False}):
+        config = EngineArgs(
+            model=tiny_dirs["llada"], dtype="float32", max_model_len=6000, **options
+        ).create_engine_config()
+        assert config.cache_config.enable_prefix_caching is False
+        assert config.compilation_config.cudagraph_mode == CUDAGraphMode.NONE
+        assert config.scheduler_config.max_num_batched_tokens >= 6000

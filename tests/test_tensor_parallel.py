@@ -34,7 +34,6 @@ def engine(tmp_path_factory):
     llm = LLM(
         model=model_dir,
         dtype="float32",
-        enforce_eager=True,
         max_model_len=512,
         kv_cache_memory_bytes=32 << 20,
         tensor_parallel_size=2,

@@ -79,9 +79,10 @@ def register_config_hooks() -> None:
     """Per-architecture hook that turns on masked-diffusion serving for our models."""
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
-    from vllm_focus.engine import config_hook, validation
+    from vllm_focus.engine import config_hook, startup, validation
 
     for arch in MODEL_CLASSES:
         MODELS_CONFIG_MAP[arch] = config_hook.MaskedDiffusionConfig
     config_hook.install()
+    startup.install()
     validation.install()

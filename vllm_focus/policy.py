@@ -45,6 +45,43 @@ def recomputed_end(plan: DecodePlan, start: int, total: int) -> int:
     return start + plan.block_length if plan.cache == "dual" else total
 
 
+def step_span(plan: DecodePlan, prompt_len: int, block: int, block_start: bool) -> range:
+    """Positions a step outside Focus computes (DESIGN §3, cache modes).
+
+    Without a cache every step computes the whole canvas. A block's first step refreshes
+    everything (refresh `block`, and the first block under `prefill`) or, under `prefill`,
+    the finished block, the current one and every later position. Later steps compute the
+    block (`dual`) or the block and what follows (`prefix`).
+    """
+    total = prompt_len + plan.gen_length
+    start = prompt_len + block * plan.block_length
+    if plan.cache == "none":
+        return range(total)
+    if block_start:
+        first = 0 if (plan.refresh == "block" or block == 0) else start - plan.block_length
+        return range(first, total)
+    return range(start, recomputed_end(plan, start, total))
+
+
+def step_token_bound(
+    plan: DecodePlan, prompt_len: int, block: int, block_start: bool, focus: bool, shift: int
+) -> int:
+    """The most positions one step of a request can compute: what the scheduler charges.
+
+    Exact outside Focus. A Focus step's active set depends on the last step's confidences;
+    it lies within the block widened by the window (and, for the shift, one to the left),
+    plus everything after the block under `prefix` (see `focus_step`).
+    """
+    span = step_span(plan, prompt_len, block, block_start)
+    if block_start or not focus:
+        return len(span)
+    total = prompt_len + plan.gen_length
+    window = plan.focus.window
+    low = max(0, span.start - max(window, shift))
+    high = total if plan.cache == "prefix" else min(total, span.stop + window)
+    return high - low
+
+
 def dream_step_count(num_masked: int, step: int, steps: int) -> int:
     """Dream's time-grid count: int(n·(1 − s/t)) with t, s on linspace(1, eps, steps + 1).
 

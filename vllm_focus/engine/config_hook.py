@@ -18,13 +18,13 @@ import functools
 import os
 from dataclasses import fields
 
-from vllm.config import VllmConfig
+from vllm.config import CompilationMode, CUDAGraphMode, VllmConfig
 from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
 from vllm_focus import FOCUS_BACKEND, MODEL_CLASSES
-from vllm_focus.engine import metrics
+from vllm_focus.engine import metrics, startup
 from vllm_focus.engine.settings import CONFIG_KEY, server_settings
 from vllm_focus.settings import FocusPlan
 
@@ -39,6 +39,9 @@ class MaskedDiffusionConfig(VerifyAndUpdateConfig):
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
         settings = server_settings(vllm_config)
+        focus = focus_requested(vllm_config)
+        startup.check_options(vllm_config)
+        startup.check_attention(vllm_config, focus)
         cache = vllm_config.cache_config
         cache.enable_prefix_caching = False
         scheduler = vllm_config.scheduler_config
@@ -47,23 +50,44 @@ class MaskedDiffusionConfig(VerifyAndUpdateConfig):
         scheduler.async_scheduling = False
         max_model_len = vllm_config.model_config.max_model_len
         scheduler.max_num_batched_tokens = max(scheduler.max_num_batched_tokens, max_model_len)
+        if scheduler.max_num_scheduled_tokens is not None:
+            scheduler.max_num_scheduled_tokens = max(
+                scheduler.max_num_scheduled_tokens, max_model_len
+            )
+        # The runner calls the compiled model directly and never replays a CUDA graph, so
+        # none is captured (on CPU vLLM captures none anyway).
+        vllm_config.compilation_config.cudagraph_mode = CUDAGraphMode.NONE
         vllm_config.parallel_config.worker_cls = WORKER_CLS
         # Inherited by every engine and worker process started after this point.
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
         # /metrics is served by this (the API) process; the engine core writes the snapshots.
         metrics.install_collector()
-        attention = "Focus (FOCUS backend)" if focus_requested(vllm_config) else "dense"
-        focus_knobs = {f.name for f in fields(FocusPlan)}
-        values = {f.name: getattr(settings, f.name) for f in fields(settings)}
-        logger.info(
-            "vllm-focus: serving %s as a masked diffusion model; attention: %s; "
-            "%s defaults in force: decoding {%s}; Focus {%s}",
-            vllm_config.model_config.architecture,
-            attention,
-            CONFIG_KEY,
-            ", ".join(f"{k}={v}" for k, v in values.items() if k not in focus_knobs),
-            ", ".join(f"{k}={v}" for k, v in values.items() if k in focus_knobs),
-        )
+        _log_settings(vllm_config, settings, focus)
+
+
+def _log_settings(vllm_config, settings, focus: bool) -> None:
+    """One start-up line: the model, how it runs, and every diffusion setting in force."""
+    model_config = vllm_config.model_config
+    compilation = vllm_config.compilation_config
+    compiled = not model_config.enforce_eager and compilation.mode != CompilationMode.NONE
+    focus_knobs = {f.name for f in fields(FocusPlan)}
+    values = {f.name: getattr(settings, f.name) for f in fields(settings)}
+    logger.info(
+        "vllm-focus: serving %s as a masked diffusion model; attention: %s; dtype %s; "
+        "torch.compile %s, CUDA graphs off (the diffusion runner does not replay them); "
+        "token budget %d per engine step (max_num_batched_tokens >= max_model_len %d: a "
+        "bidirectional refresh computes a whole request in one forward; refreshes that do not "
+        "fit together wait a step); %s defaults in force: decoding {%s}; Focus {%s}",
+        model_config.architecture,
+        "Focus (FOCUS backend)" if focus else "dense",
+        str(model_config.dtype).removeprefix("torch."),
+        "on (vLLM's default)" if compiled else "off (enforce_eager)",
+        vllm_config.scheduler_config.max_num_batched_tokens,
+        model_config.max_model_len,
+        CONFIG_KEY,
+        ", ".join(f"{k}={v}" for k, v in values.items() if k not in focus_knobs),
+        ", ".join(f"{k}={v}" for k, v in values.items() if k in focus_knobs),
+    )
 
 
 def focus_requested(vllm_config) -> bool:

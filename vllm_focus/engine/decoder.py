@@ -18,6 +18,7 @@ from vllm_focus.policy import (
     recomputed_end,
     select,
     step_count,
+    step_span,
 )
 from vllm_focus.settings import DecodePlan
 
@@ -72,12 +73,7 @@ class RequestState:
         plan, total = self.plan, self.total_len
         start, end = self._block_range()
         self.focus_step = None
-        if plan.cache == "none":
-            return torch.arange(total)
-        if self.is_refresh:
-            first = 0 if (plan.refresh == "block" or self.block == 0) else start - plan.block_length
-            return torch.arange(first, total)
-        if self.focus is not None:
+        if self.focus is not None and not self.is_refresh:
             masked = self._masked()
             self.focus_step = focus_step(
                 self.indicator,
@@ -91,7 +87,8 @@ class RequestState:
                 tail_from=end if plan.cache == "prefix" else None,
             )
             return self.focus_step.query
-        return torch.arange(start, recomputed_end(plan, start, total))
+        span = step_span(plan, self.prompt_len, self.block, self.is_refresh)
+        return torch.arange(span.start, span.stop)
 
     def fresh(self, query: torch.Tensor) -> torch.Tensor:
         """Bool per query position: its fresh K/V go to the cache (and into this step's

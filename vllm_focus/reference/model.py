@@ -140,6 +140,7 @@ class FocusForward:
 class ReferenceModel:
     def __init__(self, model_dir: str | Path, dtype: torch.dtype = torch.float32) -> None:
         model_dir = Path(model_dir)
+        self.model_dir = model_dir
         raw_config = json.loads((model_dir / "config.json").read_text())
         self.config = ReferenceConfig.from_json(raw_config)
         self.eos_token_ids = _eos_token_ids(model_dir, raw_config)
