@@ -45,7 +45,6 @@ def main() -> None:
     llm = LLM(
         model=str(model),
         dtype="float32",
-        enforce_eager=True,
         max_model_len=max_len,
         kv_cache_memory_bytes=512 << 20,
         seed=0,

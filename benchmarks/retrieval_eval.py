@@ -63,7 +63,6 @@ def make_engine(model: str, focus: bool, max_len: int):
     return LLM(
         model=model,
         dtype="float32",
-        enforce_eager=True,
         max_model_len=max_len + 64,
         kv_cache_memory_bytes=256 << 20,
         seed=0,

@@ -366,7 +366,7 @@ def serve_tiny(workdir: Path):
     from vllm_focus.testing.tiny import write_tiny_checkpoint
 
     model_dir = write_tiny_checkpoint(workdir / "dream", "dream")
-    args = ["--dtype", "float32", "--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN)]
+    args = ["--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN)]
     args += ["--kv-cache-memory-bytes", str(KV_CACHE_BYTES), "--attention-backend", "focus"]
     args += ["--max-num-seqs", "64"]
     server = serving.start(

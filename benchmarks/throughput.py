@@ -187,7 +187,6 @@ def make_engine(model_dir: Path, backend: str, max_len: int, kv_bytes: int):
     return LLM(
         model=str(model_dir),
         dtype="float32",
-        enforce_eager=True,
         max_model_len=max_len,
         max_num_batched_tokens=max_len,
         kv_cache_memory_bytes=kv_bytes,

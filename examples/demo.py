@@ -66,7 +66,6 @@ def run_retrieval(args) -> None:
         llm = LLM(
             model=str(RETRIEVAL_MODEL),
             dtype="float32",
-            enforce_eager=True,
             max_model_len=length + 64,
             kv_cache_memory_bytes=128 << 20,
             **({"attention_backend": "focus"} if attention == "focus" else {}),
@@ -110,7 +109,6 @@ def run_family(arch: str, args) -> None:
         llm = LLM(
             model=path,
             dtype="float32",
-            enforce_eager=True,
             max_model_len=args.prompt_tokens + 2 * args.max_tokens,
             kv_cache_memory_bytes=128 << 20,
             seed=0,

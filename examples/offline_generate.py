@@ -32,7 +32,6 @@ def main() -> None:
     llm = LLM(
         model=model,
         dtype=args.dtype,
-        enforce_eager=True,
         max_model_len=2048,
         kv_cache_memory_bytes=256 << 20,
     )

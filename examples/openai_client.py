@@ -1,6 +1,6 @@
 """Talk to `vllm serve <dLLM checkpoint>` with the official openai client.
 
-    vllm serve /tmp/tiny-dream --dtype float32 --enforce-eager --max-model-len 2048 &
+    vllm serve /tmp/tiny-dream --dtype float32 --max-model-len 2048 &
     python examples/openai_client.py --base-url http://127.0.0.1:8000/v1
 
 or let the example start a server on a tiny built-in checkpoint itself:
@@ -35,7 +35,6 @@ def start_server(port: int, arch: str) -> subprocess.Popen:
         str(port),
         "--dtype",
         "float32",
-        "--enforce-eager",
         "--max-model-len",
         "2048",
         "--kv-cache-memory-bytes",

@@ -49,6 +49,9 @@ class InProcessModel:
             # The CPU worker's own stand-ins for torch.cuda/accelerator calls.
             import vllm.v1.worker.cpu.shm  # noqa: F401
 
+        # Eager on purpose: this builds the model class alone, without the engine's warm-up
+        # that compiles it, to compare single forwards with the reference; the compiled model
+        # is what the engine tests run (test_llm_generate.py compares it with eager).
         args = EngineArgs(
             model=model_dir,
             dtype="float32",
