@@ -1,7 +1,11 @@
 """The shipped retrieval model (examples/models/kv-retrieval-llada): it is exactly the circuit
 `vllm_focus.testing.retrieval` writes, it answers through the reference decoder and through
 vLLM, dense and with Focus (token for token as the reference's Focus), and Focus with too small
-a kept-prompt budget loses answers — so Focus is really deciding what the model sees."""
+a kept-prompt budget loses answers — so Focus is really deciding what the model sees.
+
+The vLLM cases also run in bfloat16, what real checkpoints are served in: `--dtype auto` on a
+bfloat16 copy of the checkpoint (FOCUS backend), and `--dtype bfloat16` with vLLM's dense CPU
+attention; their answers must be the float32 ones (every question right)."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from vllm_focus.reference.decode import served_outputs
 from vllm_focus.reference.model import ReferenceModel
@@ -51,18 +56,50 @@ def test_reference_decoder_answers(questions):
         assert all(out[3] == task.eos for out in outputs)
 
 
-@pytest.fixture(scope="module")
-def llm():
+def _bfloat16_copy(out: Path) -> Path:
+    """The shipped checkpoint with its tensors and `torch_dtype` in bfloat16."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(SHIPPED, out)
+    for shard in out.glob("*.safetensors"):
+        tensors = {k: v.to(torch.bfloat16) for k, v in load_file(shard).items()}
+        save_file(tensors, shard, metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config["torch_dtype"] = "bfloat16"
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+# name: (dtype argument, bfloat16 checkpoint, FOCUS backend)
+ENGINES = {
+    "float32-focus": ("float32", False, True),
+    "auto-bf16-checkpoint-focus": ("auto", True, True),
+    "bfloat16-dense": ("bfloat16", False, False),
+}
+
+
+@pytest.fixture(scope="module", params=list(ENGINES))
+def llm(request, tmp_path_factory):
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM
 
+    dtype, bf16_checkpoint, focus = ENGINES[request.param]
+    model = SHIPPED
+    if bf16_checkpoint:
+        model = _bfloat16_copy(tmp_path_factory.mktemp("bf16") / "model")
     engine = LLM(
-        model=str(SHIPPED),
-        dtype="float32",
+        model=str(model),
+        dtype=dtype,
         max_model_len=LENGTH + 64,
         kv_cache_memory_bytes=64 << 20,
-        attention_backend="focus",
+        **({"attention_backend": "focus"} if focus else {}),
     )
+    engine.test_case = request.param
+    expected = torch.float32 if request.param == "float32-focus" else torch.bfloat16
+    assert engine.llm_engine.vllm_config.model_config.dtype == expected
     yield engine
     engine.llm_engine.engine_core.shutdown()
 
@@ -81,6 +118,8 @@ def test_vllm_answers_dense_and_with_focus(llm, questions):
     focus = _answers(llm, items, DECODE)
     assert [out[:3] for out in dense] == [q.answer for q in items]
     assert [out[:3] for out in focus] == [q.answer for q in items]
+    if llm.test_case != "float32-focus":
+        return  # the reference decoder runs float32
     reference = served_outputs(
         ReferenceModel(SHIPPED),
         [q.prompt for q in items[:3]],
@@ -94,6 +133,8 @@ def test_vllm_answers_dense_and_with_focus(llm, questions):
 def test_focus_with_one_kept_block_loses_answers(llm, questions):
     """Keeping one 64-token prompt block (the BOS block outscores the record's) and no sinks
     hides the record from the lookup layer in the within-block steps."""
+    if not ENGINES[llm.test_case][2]:
+        pytest.skip("a dense server does not prune")
     _, items = questions
     settings = {**DECODE, "keep_ratio": 0.01, "min_keep_tokens": 64, "num_sinks": 0}
     answers = _answers(llm, items, settings)
@@ -106,8 +147,6 @@ def test_training_forward_is_the_reference_forward(tmp_path):
     give the reference model's logits (what vLLM and the decoders run)."""
     import importlib.util
     import sys
-
-    import torch
 
     from vllm_focus.testing.retrieval import write_task_checkpoint
 
