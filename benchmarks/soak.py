@@ -368,7 +368,9 @@ def serve_tiny(workdir: Path):
     model_dir = write_tiny_checkpoint(workdir / "dream", "dream")
     args = ["--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN)]
     args += ["--kv-cache-memory-bytes", str(KV_CACHE_BYTES), "--attention-backend", "focus"]
-    args += ["--max-num-seqs", "64"]
+    # The smallest token budget allowed (one whole refresh): refreshes of requests that reach a
+    # block start together are staggered over engine steps.
+    args += ["--max-num-seqs", "64", "--max-num-batched-tokens", str(MAX_MODEL_LEN)]
     server = serving.start(
         str(model_dir),
         *args,
