@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import tempfile
 import time
@@ -108,7 +109,7 @@ def main() -> None:
         for k, v in vars(args).items()
         if k != "out"
     )
-    machine = {"platform": platform.platform(), "cpus": __import__("os").cpu_count()}
+    machine = {"platform": platform.platform(), "cpus": os.cpu_count()}
     payload = {"command": command, "machine": machine, "results": results}
     args.out.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {args.out}")

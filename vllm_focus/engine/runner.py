@@ -159,6 +159,7 @@ class DiffusionRunnerMixin:
         for row, table in enumerate(tables):
             block_table[row, : table.numel()] = table
         num_tokens = positions.numel()
+        input_ids, positions = self._stage_inputs(input_ids, positions)
         common = CommonAttentionMetadata(
             query_start_loc=query_start_loc.to(device),
             query_start_loc_cpu=query_start_loc,
@@ -170,7 +171,7 @@ class DiffusionRunnerMixin:
             block_table_tensor=block_table.to(device),
             slot_mapping=slots.to(device),
             causal=False,
-            positions=positions.to(device),
+            positions=positions,
             seq_lens_cpu_upper_bound=seq_lens,
         )
         metadata, slot_mappings = {}, {}
@@ -182,7 +183,6 @@ class DiffusionRunnerMixin:
             for name in group.layer_names:
                 metadata[name] = built
                 slot_mappings[name] = common.slot_mapping
-        input_ids, positions = self._stage_inputs(input_ids, positions)
         with set_forward_context(
             metadata, self.vllm_config, num_tokens=num_tokens, slot_mapping=slot_mappings
         ):

@@ -178,10 +178,10 @@ class MaskedDiffusionScheduler(Scheduler):
             for req_id, index in model_runner_output.req_id_to_index.items()
             if req_id in live
         }
-        for req_id in scheduler_output.num_scheduled_tokens:
+        for req_id, count in committed.items():
             progress = self.progress.get(req_id)
-            if progress is not None and req_id in committed:
-                progress.block_start = committed[req_id] > 0
+            if progress is not None:
+                progress.block_start = count > 0
                 if progress.block_start:
                     progress.block += 1
         step = getattr(model_runner_output, "diffusion_step", None)

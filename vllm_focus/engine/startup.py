@@ -84,10 +84,8 @@ def check_attention(vllm_config, focus: bool) -> None:
     from vllm.platforms import current_platform
 
     model_config = vllm_config.model_config
-    config = model_config.hf_config
-    head_size = config.hidden_size // config.num_attention_heads
-    kv_cache_dtype = vllm_config.cache_config.cache_dtype
     if focus:
+        kv_cache_dtype = vllm_config.cache_config.cache_dtype
         if kv_cache_dtype != "auto":
             raise StartupError(
                 f"vllm-focus: --kv-cache-dtype {kv_cache_dtype} is not supported by the FOCUS "
@@ -99,6 +97,8 @@ def check_attention(vllm_config, focus: bool) -> None:
         return
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
+    config = model_config.hf_config
+    head_size = config.hidden_size // config.num_attention_heads
     sizes = CPUAttentionBackend.get_supported_head_sizes()
     if head_size not in sizes:
         raise StartupError(
