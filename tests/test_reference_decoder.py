@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_focus.policy import dream_step_count, focus_step, llada_step_counts, select
+from vllm_focus.policy import (
+    dream_step_count,
+    focus_step,
+    llada_step_counts,
+    select,
+    step_span,
+    step_token_bound,
+)
 from vllm_focus.reference.decode import RequestDecoder, finish, generate
 from vllm_focus.reference.model import KVCache, ReferenceModel
 from vllm_focus.settings import DiffusionSettings, SettingsError
@@ -206,6 +213,47 @@ def test_focus_step_by_hand():
     assert step.focus.tolist() == [11]
     step = focus_step(indicator, masked, 10, 1, None, 2, 18, shift=0, tail_from=17)
     assert step.query.tolist() == [9, 10, 11, 12, 13, 17]
+
+
+def test_step_spans_by_hand():
+    """Prompt 10, canvas 3 blocks of 4 (positions 10..21)."""
+    for cache, refresh, block, block_start, want in [
+        ("none", "block", 1, False, (0, 22)),
+        ("dual", "block", 1, True, (0, 22)),
+        ("dual", "prefill", 0, True, (0, 22)),
+        ("dual", "prefill", 2, True, (14, 22)),  # the finished block onwards
+        ("dual", "block", 1, False, (14, 18)),
+        ("prefix", "prefill", 1, False, (14, 22)),
+    ]:
+        plan = _plan(max_tokens=12, block_length=4, cache=cache, refresh=refresh)
+        span = step_span(plan, 10, block, block_start)
+        assert (span.start, span.stop) == want, (cache, refresh, block, block_start)
+
+
+@pytest.mark.parametrize("cache", ["dual", "prefix"])
+@pytest.mark.parametrize("shift", [0, 1])
+def test_focus_queries_stay_within_the_charged_bound(cache, shift):
+    """What the scheduler charges a Focus step bounds the query `focus_step` builds, for any
+    indicator, window and block (the first and last blocks clip the window), and is reached
+    when every position is in F and nothing clips."""
+    generator = torch.Generator().manual_seed(3)
+    prompt_len = 9
+    for window in (0, 1, 3):
+        plan = DiffusionSettings(block_length=8, cache=cache, window=window, min_prompt_len=0).plan(
+            "dream" if shift else "llada", 24, focus=True
+        )
+        total = prompt_len + plan.gen_length
+        for block in range(plan.num_blocks):
+            start = prompt_len + block * plan.block_length
+            bound = step_token_bound(plan, prompt_len, block, False, True, shift)
+            for count in (1, 3, 8):
+                indicator = torch.rand(8, generator=generator, dtype=torch.float64)
+                masked = torch.arange(start, start + 8)
+                tail = start + 8 if cache == "prefix" else None
+                step = focus_step(indicator, masked, start, count, None, window, total, shift, tail)
+                assert step.query.numel() <= bound
+                if count == 8 and window >= shift and block == 1 and cache == "dual":
+                    assert step.query.numel() == bound
 
 
 def test_sparse_focus_changes_tokens_and_unpruned_whole_block_focus_is_dual(references):
