@@ -43,6 +43,42 @@ def sparse_paged_attention_ref(
     return result
 
 
+def key_tile_positions(keys) -> dict[int, torch.Tensor]:
+    """Per request, the positions a `KeyTiles` describes, in tile order (on the host)."""
+    splits, tiles, points = keys.splits.cpu(), keys.tiles.cpu(), keys.points.cpu()
+    per_request: dict[int, list[torch.Tensor]] = {}
+    for req, begin, end, _, _ in splits.tolist():
+        for start, stop, offset in tiles[begin:end].tolist():
+            if offset < 0:
+                chunk = torch.arange(start, stop)
+            else:
+                chunk = points[offset : offset + stop - start].long()
+                chunk = chunk[chunk >= 0]
+            per_request.setdefault(req, []).append(chunk)
+    return {req: torch.cat(chunks) for req, chunks in per_request.items()}
+
+
+def tiled_sparse_attention_ref(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    keys,
+    scale: float,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Twin of kernels.sparse_attention.tiled_sparse_attention (shapes documented there)."""
+    starts = query_start_loc.tolist()
+    for req, positions in key_tile_positions(keys).items():
+        rows = torch.arange(starts[req], starts[req + 1], device=q.device)
+        attended = attend_gathered(
+            q[rows], key_cache, value_cache, block_table, req, positions.to(q.device), scale
+        )
+        out[rows] = attended.to(out.dtype)
+    return out
+
+
 def attend_gathered(
     q: torch.Tensor,
     key_cache: torch.Tensor,

@@ -130,6 +130,7 @@ def sink_scores(
     seq_lens: torch.Tensor,
     prompt_lens: torch.Tensor,
     scale: float,
+    max_prompt_len: int | None = None,
 ) -> torch.Tensor:
     """Summed softmax attention each prompt key receives from its request's queries.
 
@@ -140,6 +141,7 @@ def sink_scores(
     block_table:   [num_reqs, max_blocks] int32
     seq_lens:      [num_reqs] int32, keys 0..seq_len-1 form each softmax
     prompt_lens:   [num_reqs] int32, the keys that are scored
+    max_prompt_len: prompt_lens.max() when the caller knows it (saves a device sync)
     returns:       [num_reqs, max_prompt_len] float32, -inf past a request's prompt
     """
     num_tokens, num_heads, head_dim = q.shape
@@ -158,7 +160,9 @@ def sink_scores(
     counts = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
     query_req = torch.repeat_interleave(torch.arange(num_reqs, device=q.device), counts)
     lse = torch.empty(num_tokens, num_heads, device=q.device, dtype=torch.float32)
-    max_prompt = int(prompt_lens.max()) if num_reqs else 0
+    if max_prompt_len is None:
+        max_prompt_len = int(prompt_lens.max()) if num_reqs else 0
+    max_prompt = max_prompt_len
     scores = torch.empty(num_reqs, max_prompt, device=q.device, dtype=torch.float32)
     if num_tokens == 0 or max_prompt == 0:
         return scores.fill_(float("-inf"))

@@ -53,7 +53,7 @@ def register() -> None:
     _registered = True
 
 
-FOCUS_BACKEND = "vllm_focus.engine.focus_attention.FocusAttentionBackend"
+FOCUS_BACKEND = "vllm_focus.attention.backend.FocusAttentionBackend"
 
 
 def register_attention_backend() -> None:

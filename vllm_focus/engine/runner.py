@@ -20,9 +20,9 @@ from vllm.forward_context import set_forward_context
 from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 
+from vllm_focus.attention.backend import FocusBatch, FocusMetadata
 from vllm_focus.engine.config_hook import focus_requested
 from vllm_focus.engine.decoder import RequestState
-from vllm_focus.engine.focus_attention import FocusBatch, FocusMetadata
 from vllm_focus.engine.settings import resolve_plan, server_settings
 from vllm_focus.engine.stats import StepRecord, StepStats
 
@@ -127,11 +127,12 @@ class DiffusionRunnerMixin:
             return {}
         layers = self.vllm_config.model_config.hf_config.num_hidden_layers
         result = {}
+        sparse_keys = focus.prompt_keys_attended()
         for r, (plan, prompt_len) in enumerate(zip(focus.plans, focus.prompt_lens)):
             if plan is None:
                 continue
             dense = min(plan.dense_layers, layers)
-            attended = dense * prompt_len + focus.sparse_prompt_keys[r]
+            attended = dense * prompt_len + sparse_keys[r]
             result[req_ids[r]] = (attended, layers * prompt_len)
         return result
 

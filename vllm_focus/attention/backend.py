@@ -29,6 +29,8 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
 )
 
+from vllm_focus.attention import triton_path
+from vllm_focus.attention.triton_path import uses_triton_path
 from vllm_focus.policy import top_indices
 from vllm_focus.settings import FocusPlan
 
@@ -47,14 +49,31 @@ class FocusBatch:
     # that writes prompt positions; the CPU path caches block means under it.
     prompt_keys: list[tuple[str, int]] = field(default_factory=list)
     sinks: list[torch.Tensor | None] = field(default_factory=list)
-    # Per request, prompt keys its queries attended, summed over the sparse layers (metrics).
+    # Per request, prompt keys its queries attended, summed over the sparse layers (metrics):
+    # counted on the host by the CPU path, on the device by the Triton path.
     sparse_prompt_keys: list[int] = field(default_factory=list)
+    sparse_prompt_keys_device: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if not self.sinks:
             self.sinks = [None] * len(self.plans)
         if not self.sparse_prompt_keys:
             self.sparse_prompt_keys = [0] * len(self.plans)
+
+    def add_device_prompt_keys(self, requests: list[int], counts: torch.Tensor) -> None:
+        if self.sparse_prompt_keys_device is None:
+            self.sparse_prompt_keys_device = torch.zeros(
+                len(self.plans), dtype=torch.int64, device=counts.device
+            )
+        index = torch.tensor(requests).to(counts.device, non_blocking=True)
+        self.sparse_prompt_keys_device.index_add_(0, index, counts)
+
+    def prompt_keys_attended(self) -> list[int]:
+        """Per request, the prompt keys its sparse layers attended (read after the forward)."""
+        if self.sparse_prompt_keys_device is None:
+            return list(self.sparse_prompt_keys)
+        counted = self.sparse_prompt_keys_device.tolist()
+        return [a + b for a, b in zip(self.sparse_prompt_keys, counted)]
 
 
 @dataclass
@@ -66,8 +85,13 @@ class FocusMetadata:
     seq_lens_cpu: list[int]
     block_table: torch.Tensor  # [R, max_blocks] int32
     slot_mapping: torch.Tensor  # [T] int64, -1: not written
+    query_start_loc_cpu: list[int] = field(default_factory=list)
+    max_query_len: int = 0
+    max_seq_len: int = 0
     focus: FocusBatch | None = None  # set by the diffusion runner for Focus steps
     _dense_keys: tuple[torch.Tensor, torch.Tensor] | None = None
+    # What the Triton path builds once per forward and every layer reuses.
+    step_cache: dict = field(default_factory=dict)
 
     def dense_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every position of every request: (key_positions, cu_seqlens_k), built once."""
@@ -111,6 +135,9 @@ class FocusMetadataBuilder(AttentionMetadataBuilder[FocusMetadata]):
             seq_lens_cpu=[int(n) for n in seq_lens_cpu[: common.num_reqs]],
             block_table=common.block_table_tensor,
             slot_mapping=common.slot_mapping,
+            query_start_loc_cpu=[int(n) for n in starts[: common.num_reqs + 1]],
+            max_query_len=int(common.max_query_len),
+            max_seq_len=int(common.max_seq_len),
         )
 
 
@@ -190,6 +217,8 @@ class FocusAttentionImpl(AttentionImpl):
         self._layer_index: int | None = None
         # CPU path: request id -> (prompt K/V version, prompt block size, block means).
         self._block_means: dict[str, tuple[int, int, torch.Tensor]] = {}
+        # Triton path: the same cache on the device, and the selection built on it.
+        self.selector = triton_path.SparseSelector()
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         """Write the K/V of the tokens whose slot is >= 0 (Focus leaves some unwritten)."""
@@ -224,35 +253,23 @@ class FocusAttentionImpl(AttentionImpl):
         q = query[:count]
         keys, values = split_kv_cache(kv_cache, self.head_size)
         index = self._index(layer)
+        wanted = self._sink_requests(index, meta)
+        if uses_triton_path(q.device):
+            triton_path.forward(
+                self, index, q, keys, values, meta, output[:count], wanted, _all_reduce
+            )
+            return output
         key_positions, cu_k = self._key_sets(index, q, keys, meta)
         args = (q, keys, values, meta.block_table, meta.query_req, key_positions, cu_k, self.scale)
-        wanted = self._sink_requests(index, meta)
         # Per request, its prompt length where its sinks are found at this layer, else 0.
         sink_lens = None
         if wanted:
             sink_lens = [n if r in wanted else 0 for r, n in enumerate(meta.focus.prompt_lens)]
-        if q.device.type == "cuda":  # Triton kernels
-            from vllm_focus.kernels.sink_scores import sink_scores
-            from vllm_focus.kernels.sparse_attention import sparse_paged_attention
+        # The CPU path reads the cache in place; at the sink layer the same pass sums the
+        # softmax mass per prompt key (this layer attends every key: it is dense).
+        from vllm_focus.kernels.cpu import paged_attention_cpu
 
-            sparse_paged_attention(*args, out=output[:count])
-            if wanted:
-                lengths = torch.tensor(sink_lens, dtype=torch.int32, device=q.device)
-                scores = sink_scores(
-                    q,
-                    meta.query_start_loc,
-                    keys,
-                    meta.block_table,
-                    meta.seq_lens,
-                    lengths,
-                    self.scale,
-                )
-        else:
-            # The CPU path reads the cache in place; at the sink layer the same pass sums the
-            # softmax mass per prompt key (this layer attends every key: it is dense).
-            from vllm_focus.kernels.cpu import paged_attention_cpu
-
-            _, scores = paged_attention_cpu(*args, out=output[:count], sink_prompt_lens=sink_lens)
+        _, scores = paged_attention_cpu(*args, out=output[:count], sink_prompt_lens=sink_lens)
         if wanted:
             self._keep_sinks(wanted, meta.focus, _all_reduce(scores))
         return output
@@ -296,10 +313,7 @@ class FocusAttentionImpl(AttentionImpl):
     def _kept_prompt(self, sparse, q, keys, meta: FocusMetadata):
         """Prompt positions of the top blocks of each sparse request, by F's block scores."""
         batch = meta.focus
-        if q.device.type == "cuda":
-            scores = self._scores_from_kernel(sparse, q, keys, meta)
-        else:  # the CPU path: block means cached per version of the prompt K/V
-            scores = self._scores_from_means(sparse, q, keys, meta)
+        scores = self._scores_from_means(sparse, q, keys, meta)
         kept: dict[int, torch.Tensor] = {}
         for r in sparse:
             prompt_len, plan = batch.prompt_lens[r], batch.plans[r]
@@ -311,30 +325,6 @@ class FocusAttentionImpl(AttentionImpl):
             positions = (blocks[:, None] * size + offsets[None, :]).flatten()
             kept[r] = positions[positions < prompt_len]
         return kept
-
-    def _scores_from_kernel(self, sparse, q, keys, meta) -> dict:
-        """Block scores by the kernel, one launch per prompt block size, all-reduced."""
-        from vllm_focus.kernels.block_scores import prompt_block_scores
-
-        batch = meta.focus
-        scores = {}
-        for size in sorted({batch.plans[r].prompt_block_size for r in sparse}):
-            group = [r for r in sparse if batch.plans[r].prompt_block_size == size]
-            lengths = torch.zeros(len(batch.plans), dtype=torch.int32)
-            lengths[group] = torch.tensor([batch.prompt_lens[r] for r in group], dtype=torch.int32)
-            rows = torch.isin(batch.focus_req, torch.tensor(group, device=q.device))
-            table = prompt_block_scores(
-                q[batch.focus_rows[rows]],
-                batch.focus_req[rows],
-                keys,
-                meta.block_table,
-                lengths.to(q.device),
-                size,
-                self.scale,
-            )
-            table = _all_reduce(table)
-            scores.update({r: table[r] for r in group})
-        return scores
 
     def _scores_from_means(self, sparse, q, keys, meta) -> dict:
         """Block scores from each request's block means, computed once per version of its

@@ -1,0 +1,90 @@
+"""The FOCUS backend's CUDA call sites, run on the CPU: `VLLM_FOCUS_TRITON=1` makes the engine
+take its Triton path (vLLM's unified attention for the dense work, the tiled sparse kernel,
+the selection on the device) under Triton's interpreter, and it equals the reference decoder.
+
+One engine per family (float32, tiny checkpoints with 4 layers: 2 dense, 2 sparse), one batch:
+a prompt above `min_prompt_len` (Focus: refreshes through the dense kernel, within-block steps
+through both) beside one below it (dense in every layer, in the same forwards). The interpreter
+runs every program in Python, so the prompts and the canvas are short.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from vllm_focus.reference.decode import served_outputs
+from vllm_focus.reference.model import ReferenceModel
+from vllm_focus.settings import DiffusionSettings
+
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="on a GPU the engine takes this path anyway"
+)
+
+PROMPT_LENGTHS = [150, 20]
+MAX_TOKENS = [16, 16]
+SPARSE = {
+    "gen_length": 16,
+    "block_length": 8,
+    "min_prompt_len": 64,
+    "prompt_block_size": 16,
+    "min_keep_tokens": 32,
+    "keep_ratio": 0.05,
+    "num_sinks": 4,
+}
+UNPRUNED = {"keep_ratio": 1.0, "num_sinks": 100_000}
+
+
+@pytest.fixture(scope="module", params=["dream", "llada"])
+def engine(request, tmp_path_factory):
+    from vllm import LLM
+
+    from vllm_focus.testing.tiny import write_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp(f"triton-{request.param}")
+    model_dir = str(write_tiny_checkpoint(root, request.param, num_layers=4))
+    previous = os.environ.get("VLLM_FOCUS_TRITON")
+    os.environ["VLLM_FOCUS_TRITON"] = "1"  # read in the engine's processes
+    try:
+        llm = LLM(
+            model=model_dir,
+            dtype="float32",
+            max_model_len=512,
+            kv_cache_memory_bytes=8 << 20,
+            attention_backend="focus",
+            seed=0,
+        )
+    finally:
+        if previous is None:
+            del os.environ["VLLM_FOCUS_TRITON"]
+        else:
+            os.environ["VLLM_FOCUS_TRITON"] = previous
+    yield llm, ReferenceModel(model_dir)
+    llm.llm_engine.engine_core.shutdown()
+
+
+def _prompts(reference: ReferenceModel) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(2)
+    vocab = reference.config.vocab_size - 8
+    return [torch.randint(0, vocab, (n,), generator=generator).tolist() for n in PROMPT_LENGTHS]
+
+
+def test_triton_path_matches_reference_focus(engine):
+    from vllm import SamplingParams
+
+    llm, reference = engine
+    prompts = _prompts(reference)
+    settings = DiffusionSettings(**SPARSE)
+    want = served_outputs(reference, prompts, settings, MAX_TOKENS, focus=True)
+    # Discriminating: the pruning changes the long prompt's reference output.
+    unpruned = DiffusionSettings(**{**SPARSE, **UNPRUNED})
+    assert want[0] != served_outputs(reference, prompts, unpruned, MAX_TOKENS, focus=True)[0]
+    params = [SamplingParams(temperature=0.0, max_tokens=m, extra_args=SPARSE) for m in MAX_TOKENS]
+    llm.collective_rpc("diffusion_stats", kwargs={"reset": True})
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    (stats,) = llm.collective_rpc("diffusion_stats", kwargs={"reset": True})
+    assert [list(o.outputs[0].token_ids) for o in outputs] == want
+    # The long request ran Focus steps, its sparse layers attended part of the prompt.
+    assert stats["steps"] > stats["refresh_steps"] > 0
