@@ -3,8 +3,12 @@
 Each prompt key's score is the softmax attention it receives from the active queries of its
 request, summed over those queries and all query heads (the softmax runs over every key of the
 request, as in the dense layer). Summed rather than averaged so tensor-parallel ranks can
-all-reduce before dividing. Two kernels: the log-sum-exp of every (query, head) row over all
-keys, then per (request, tile of prompt keys) the sum of exp(q . k * scale - lse).
+all-reduce before dividing. Two passes: the log-sum-exp of every (query, head) row over all
+keys — which the tiled attention kernel returns beside the dense layer's output, so on the
+engine's Triton path that pass *is* the layer's attention — then `sink_mass`: one program per
+(request, tile of prompt keys) loads each key tile once per KV head and sums
+exp(q . k * scale - lse) over the request's query rows, `BLOCK_M` rows (query token x query
+head of the KV head) at a time.
 Plain-torch twin: `kernels.reference.sink_scores_ref`.
 """
 
@@ -14,63 +18,16 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_focus.kernels.paged import check_heads, check_int32, load_rows, physical_blocks
+from vllm_focus.kernels.paged import check_heads, check_int32, physical_blocks
+from vllm_focus.kernels.sparse_attention import key_tiles, tiled_sparse_attention
+
+BLOCK_M = 32
+BLOCK_N = 64
 
 
 @triton.jit
-def _row_lse_kernel(
-    Q, K_CACHE, BLOCK_TABLE, QUERY_REQ, SEQ_LENS, LSE,
-    scale,
-    stride_qt, stride_qh, stride_qd,
-    stride_kb, stride_kn, stride_kh, stride_kd,
-    stride_tr, stride_tb,
-    stride_lt, stride_lh,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CACHE_BLOCK: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    i_t = tl.program_id(0).to(tl.int64)
-    i_kvh = tl.program_id(1).to(tl.int64)
-    i_req = tl.load(QUERY_REQ + i_t).to(tl.int64)
-    seq_len = tl.load(SEQ_LENS + i_req)
-    o_g = tl.arange(0, BLOCK_G)
-    o_d = tl.arange(0, BLOCK_D)
-    m_g = o_g < GROUP
-    m_d = o_d < HEAD_DIM
-    heads = i_kvh * GROUP + o_g
-    p_q = Q + i_t * stride_qt + heads[:, None] * stride_qh + o_d[None, :] * stride_qd
-    b_q = tl.load(p_q, mask=m_g[:, None] & m_d[None, :], other=0.0).to(tl.float32)
-    b_m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    b_l = tl.zeros([BLOCK_G], tl.float32)
-    for start in range(0, seq_len, BLOCK_N):
-        pos = start + tl.arange(0, BLOCK_N)
-        m_n = pos < seq_len
-        blk = physical_blocks(BLOCK_TABLE, i_req, pos, m_n, stride_tr, stride_tb, CACHE_BLOCK)
-        b_k = load_rows(
-            K_CACHE,
-            blk,
-            pos,
-            m_n,
-            i_kvh,
-            o_d,
-            m_d,
-            stride_kb,
-            stride_kn,
-            stride_kh,
-            stride_kd,
-            CACHE_BLOCK,
-        )
-        b_s = tl.dot(b_q, tl.trans(b_k)) * scale
-        b_s = tl.where(m_n[None, :], b_s, float("-inf"))
-        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
-        b_l = b_l * tl.exp(b_m - b_m_new) + tl.sum(tl.exp(b_s - b_m_new[:, None]), 1)
-        b_m = b_m_new
-    p_lse = LSE + i_t * stride_lt + heads * stride_lh
-    tl.store(p_lse, b_m + tl.log(b_l), mask=m_g)
-
-
-@triton.jit
-def _sink_scores_kernel(
-    Q, K_CACHE, BLOCK_TABLE, CU_Q, PROMPT_LENS, LSE, SCORES,
+def _sink_mass_kernel(
+    Q, K_CACHE, BLOCK_TABLE, QUERY_START, PROMPT_LENS, LSE, SCORES,
     scale,
     stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
@@ -79,7 +36,8 @@ def _sink_scores_kernel(
     stride_sr, stride_sn,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     CACHE_BLOCK: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr,
 ):  # fmt: skip
     i_r = tl.program_id(0).to(tl.int64)
     i_n = tl.program_id(1).to(tl.int64)
@@ -87,39 +45,74 @@ def _sink_scores_kernel(
     pos = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = pos < prompt_len
     p_out = SCORES + i_r * stride_sr + pos * stride_sn
-    q_start = tl.load(CU_Q + i_r)
-    q_end = tl.load(CU_Q + i_r + 1)
-    o_g = tl.arange(0, BLOCK_G)
+    q_start = tl.load(QUERY_START + i_r).to(tl.int64)
+    rows = (tl.load(QUERY_START + i_r + 1).to(tl.int64) - q_start) * GROUP
     o_d = tl.arange(0, BLOCK_D)
-    m_g = o_g < GROUP
     m_d = o_d < HEAD_DIM
-    blk = physical_blocks(BLOCK_TABLE, i_r, pos, m_n, stride_tr, stride_tb, CACHE_BLOCK)
+    safe = tl.where(m_n, pos, 0).to(tl.int64)
+    blk = physical_blocks(BLOCK_TABLE, i_r, safe, m_n, stride_tr, stride_tb, CACHE_BLOCK)
+    row = safe % CACHE_BLOCK
     b_acc = tl.zeros([BLOCK_N], tl.float32)
     for i_kvh in range(NUM_KV_HEADS):
-        b_k = load_rows(
-            K_CACHE,
-            blk,
-            pos,
-            m_n,
-            i_kvh,
-            o_d,
-            m_d,
-            stride_kb,
-            stride_kn,
-            stride_kh,
-            stride_kd,
-            CACHE_BLOCK,
-        )
-        heads = i_kvh * GROUP + o_g
-        for i_t in range(q_start, q_end):
-            p_q = Q + i_t * stride_qt + heads[:, None] * stride_qh + o_d[None, :] * stride_qd
-            b_q = tl.load(p_q, mask=m_g[:, None] & m_d[None, :], other=0.0).to(tl.float32)
-            b_lse = tl.load(LSE + i_t * stride_lt + heads * stride_lh, mask=m_g, other=0.0)
-            b_s = tl.dot(b_q, tl.trans(b_k)) * scale
-            b_p = tl.exp(b_s - b_lse[:, None])
-            b_p = tl.where(m_g[:, None] & m_n[None, :], b_p, 0.0)
+        p_k = K_CACHE + blk[:, None] * stride_kb + row[:, None] * stride_kn + i_kvh * stride_kh
+        b_k = tl.load(p_k + o_d[None, :] * stride_kd, mask=m_n[:, None] & m_d[None, :], other=0.0)
+        for low in range(0, rows, BLOCK_M):
+            o_m = low + tl.arange(0, BLOCK_M)
+            m_m = o_m < rows
+            token = q_start + o_m // GROUP
+            head = i_kvh * GROUP + o_m % GROUP
+            p_q = Q + token[:, None] * stride_qt + head[:, None] * stride_qh
+            b_q = tl.load(
+                p_q + o_d[None, :] * stride_qd, mask=m_m[:, None] & m_d[None, :], other=0.0
+            )
+            b_lse = tl.load(LSE + token * stride_lt + head * stride_lh, mask=m_m, other=0.0)
+            if IEEE:
+                b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
+            else:
+                b_s = tl.dot(b_q, tl.trans(b_k))
+            b_p = tl.exp(b_s * scale - b_lse[:, None])
+            b_p = tl.where(m_m[:, None] & m_n[None, :], b_p, 0.0)
             b_acc += tl.sum(b_p, 0)
     tl.store(p_out, tl.where(m_n, b_acc, float("-inf")))
+
+
+def sink_mass(
+    q: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    key_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    prompt_lens: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    max_prompt_len: int,
+) -> torch.Tensor:
+    """Per request and prompt key, sum of exp(q . k * scale - lse) over the request's query
+    rows and heads: [num_reqs, max_prompt_len] float32, -inf past a request's prompt.
+
+    lse: [num_tokens, num_heads] float32, each row's log-sum-exp over all its request's keys
+    (rows of requests with prompt length 0 are not read).
+    """
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = key_cache.shape[2]
+    num_reqs = prompt_lens.shape[0]
+    block_n = BLOCK_N
+    padded = torch.empty(
+        num_reqs, max(1, triton.cdiv(max_prompt_len, block_n)) * block_n,
+        device=q.device, dtype=torch.float32,
+    )  # fmt: skip
+    if max_prompt_len == 0 or num_reqs == 0:
+        return padded[:, :0]
+    _sink_mass_kernel[(num_reqs, triton.cdiv(max_prompt_len, block_n))](
+        q, key_cache, block_table, query_start_loc, prompt_lens, lse, padded,
+        scale,
+        *q.stride(), *key_cache.stride(), *block_table.stride(), *lse.stride(),
+        *padded.stride(),
+        NUM_KV_HEADS=num_kv_heads, GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
+        CACHE_BLOCK=key_cache.shape[1],
+        BLOCK_M=BLOCK_M, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_N=block_n,
+        IEEE=q.dtype == torch.float32,
+    )  # fmt: skip
+    return padded[:, :max_prompt_len]
 
 
 def sink_scores(
@@ -130,7 +123,6 @@ def sink_scores(
     seq_lens: torch.Tensor,
     prompt_lens: torch.Tensor,
     scale: float,
-    max_prompt_len: int | None = None,
 ) -> torch.Tensor:
     """Summed softmax attention each prompt key receives from its request's queries.
 
@@ -141,48 +133,31 @@ def sink_scores(
     block_table:   [num_reqs, max_blocks] int32
     seq_lens:      [num_reqs] int32, keys 0..seq_len-1 form each softmax
     prompt_lens:   [num_reqs] int32, the keys that are scored
-    max_prompt_len: prompt_lens.max() when the caller knows it (saves a device sync)
     returns:       [num_reqs, max_prompt_len] float32, -inf past a request's prompt
+
+    A standalone launcher (tests, benchmarks): it reads the lengths on the host to lay out the
+    log-sum-exp pass. The engine runs the two passes itself (vllm_focus/attention).
     """
-    num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads = key_cache.shape[2]
-    check_heads(num_heads, num_kv_heads)
+    num_heads = q.shape[1]
+    check_heads(num_heads, key_cache.shape[2])
     check_int32(
         cu_seqlens_q=cu_seqlens_q,
         block_table=block_table,
         seq_lens=seq_lens,
         prompt_lens=prompt_lens,
     )
-    num_reqs = seq_lens.shape[0]
-    group = num_heads // num_kv_heads
-    block_g = max(16, triton.next_power_of_2(group))
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    counts = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
-    query_req = torch.repeat_interleave(torch.arange(num_reqs, device=q.device), counts)
-    lse = torch.empty(num_tokens, num_heads, device=q.device, dtype=torch.float32)
-    if max_prompt_len is None:
-        max_prompt_len = int(prompt_lens.max()) if num_reqs else 0
-    max_prompt = max_prompt_len
-    scores = torch.empty(num_reqs, max_prompt, device=q.device, dtype=torch.float32)
-    if num_tokens == 0 or max_prompt == 0:
-        return scores.fill_(float("-inf"))
-    _row_lse_kernel[(num_tokens, num_kv_heads)](
-        q, key_cache, block_table, query_req.to(torch.int32), seq_lens, lse,
-        scale,
-        *q.stride(), *key_cache.stride(), *block_table.stride(), *lse.stride(),
-        GROUP=group, HEAD_DIM=head_dim, CACHE_BLOCK=key_cache.shape[1],
-        BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=32,
-    )  # fmt: skip
-    block_n = 32
-    padded = torch.empty(num_reqs, triton.cdiv(max_prompt, block_n) * block_n,
-                         device=q.device, dtype=torch.float32)  # fmt: skip
-    _sink_scores_kernel[(num_reqs, triton.cdiv(max_prompt, block_n))](
-        q, key_cache, block_table, cu_seqlens_q, prompt_lens, lse, padded,
-        scale,
-        *q.stride(), *key_cache.stride(), *block_table.stride(), *lse.stride(),
-        *padded.stride(),
-        NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim,
-        CACHE_BLOCK=key_cache.shape[1], BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n,
-    )  # fmt: skip
-    scores.copy_(padded[:, :max_prompt])
-    return scores
+    starts, lengths = cu_seqlens_q.tolist(), seq_lens.tolist()
+    wanted = [
+        (r, [(0, lengths[r])], None)
+        for r, n in enumerate(prompt_lens.tolist())
+        if n > 0 and starts[r + 1] > starts[r]
+    ]
+    lse = torch.zeros(q.shape[0], num_heads, device=q.device)
+    if wanted:
+        tiles = key_tiles(wanted, starts, q.device)
+        tiled_sparse_attention(
+            q, key_cache, key_cache, block_table, cu_seqlens_q, tiles, scale,
+            torch.empty_like(q), lse=lse,
+        )  # fmt: skip
+    max_prompt = int(prompt_lens.max()) if prompt_lens.numel() else 0
+    return sink_mass(q, cu_seqlens_q, key_cache, block_table, prompt_lens, lse, scale, max_prompt)

@@ -142,6 +142,7 @@ def tiled_sparse_attention(
     keys: KeyTiles,
     scale: float,
     out: torch.Tensor,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of the rows `keys.rows` of q over their request's key tiles, into out.
 
@@ -151,8 +152,10 @@ def tiled_sparse_attention(
     block_table:     [num_reqs, max_blocks] int32
     query_start_loc: [num_reqs + 1] int32, a request's query tokens are rows
                      query_start_loc[r] : query_start_loc[r + 1] of q
-    Rows of q not in `keys.rows` are left as they are in out. Every request with a split
-    has at least one key.
+    lse:             [num_tokens, num_heads] float32, optional: also the log-sum-exp of
+                     each (row, head)'s scores over its keys (the sink scores read it)
+    Rows of q not in `keys.rows` are left as they are in out (and in lse). Every request
+    with a split has at least one key.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = key_cache.shape[2]
@@ -193,17 +196,22 @@ def tiled_sparse_attention(
         BLOCK_M=BLOCK_M, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_N=TILE_N,
         IEEE=q.dtype == torch.float32,
     )  # fmt: skip
-    out[keys.rows] = merge_splits(acc, stats[0], stats[1]).to(out.dtype)
+    merged, row_lse = merge_splits(acc, stats[0], stats[1])
+    out[keys.rows] = merged.to(out.dtype)
+    if lse is not None:
+        lse[keys.rows] = row_lse
     return out
 
 
-def merge_splits(acc: torch.Tensor, maxes: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+def merge_splits(acc: torch.Tensor, maxes: torch.Tensor, sums: torch.Tensor):
     """Combine the splits' partial results ([slots, rows, heads, (head_dim)]) by log-sum-exp;
-    a slot a row has no split for holds max -inf and sum 0 and weighs nothing."""
+    a slot a row has no split for holds max -inf and sum 0 and weighs nothing. Returns the
+    output [rows, heads, head_dim] and the log-sum-exp [rows, heads]."""
     top = maxes.max(0).values
     weight = torch.where(maxes == float("-inf"), 0.0, torch.exp(maxes - top))
     total = (weight * sums).sum(0)
-    return torch.einsum("srh,srhd->rhd", weight, acc) / total[..., None]
+    merged = torch.einsum("srh,srhd->rhd", weight, acc) / total[..., None]
+    return merged, top + torch.log(total)
 
 
 def key_tiles(

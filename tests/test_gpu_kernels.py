@@ -2,7 +2,8 @@
 
 LLaDA-8B (32 query / 32 KV heads x 128) and Dream-7B (28 / 4 x 128), bfloat16 caches, 8K and
 32K prompts plus a short second request, Focus-sized query sets. Runs with `pytest -m gpu` on
-a machine with a GPU (torch + Triton only; vLLM is not needed).
+a machine with a GPU. Our kernels need torch + Triton only; the dense call site is vLLM's
+unified attention and is skipped where vLLM is not installed (the lent GPU machine).
 """
 
 from __future__ import annotations
@@ -10,11 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_focus.kernels.reference import (
-    prompt_block_scores_ref,
-    sink_scores_ref,
-    sparse_paged_attention_ref,
-)
+from vllm_focus.kernels.reference import prompt_block_scores_ref, sink_scores_ref
 from vllm_focus.testing.paged import paged_case, rel_rms
 
 pytestmark = [
@@ -42,19 +39,66 @@ def _case(prompt: int, layout: str, density: float):
     )
 
 
+def _focus_keys(prompt: int, generator: torch.Generator):
+    """A Focus key set of the long request: 12% of its 64-token prompt blocks, 16 sinks, the
+    response; the short request attends everything."""
+    blocks = prompt // 64
+    kept = torch.randperm(blocks, generator=generator)[: max(1, blocks * 12 // 100)].tolist()
+    sinks = torch.randint(0, prompt, (16,), generator=generator).tolist()
+    ranges = [(64 * b, 64 * b + 64) for b in sorted(kept)] + [(prompt, prompt + GEN)]
+    return [(0, ranges, sinks), (1, [(0, 300)], None)]
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("prompt", [8192, 32768])
-@pytest.mark.parametrize("density", [0.12, 1.0])
-def test_sparse_attention(layout, prompt, density):
-    from vllm_focus.kernels.sparse_attention import sparse_paged_attention
+@pytest.mark.parametrize("dense", [False, True])
+def test_tiled_sparse_attention(layout, prompt, dense):
+    from vllm_focus.kernels.reference import tiled_sparse_attention_ref
+    from vllm_focus.kernels.sparse_attention import key_tiles, tiled_sparse_attention
 
-    case = _case(prompt, layout, density)
+    case = _case(prompt, layout, 1.0)
+    generator = torch.Generator().manual_seed(prompt)
+    per_request = (
+        [(0, [(0, prompt + GEN)], None), (1, [(0, 300)], None)]
+        if dense
+        else _focus_keys(prompt, generator)
+    )
+    starts = [0, 96, 99]
+    keys = key_tiles(per_request, starts, "cuda")
+    query_start = torch.tensor(starts, dtype=torch.int32, device="cuda")
+    args = (case["q"], case["key_cache"], case["value_cache"], case["block_table"], query_start)
     scale = HEAD_DIM**-0.5
-    out = torch.full_like(case["q"], float("nan"))
-    got = sparse_paged_attention(**case, scale=scale, out=out)
+    got = tiled_sparse_attention(*args, keys, scale, torch.full_like(case["q"], float("nan")))
+    torch.cuda.synchronize()
+    want = tiled_sparse_attention_ref(*args, keys, scale, torch.empty_like(case["q"]))
+    assert not got.isnan().any()
+    assert rel_rms(got.float(), want.float()) < 2e-2
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("prompt", [8192, 32768])
+def test_dense_call_site_unified_attention(layout, prompt):
+    """The backend's dense call site (vLLM's Triton unified attention, bidirectional) on the
+    cache views the backend hands it. Needs vLLM, which the lent GPU machine lacks."""
+    pytest.importorskip("vllm")
+    from vllm_focus.attention.triton_path import DenseBatch, dense_attention
+    from vllm_focus.kernels.reference import sparse_paged_attention_ref
+
+    case = _case(prompt, layout, 1.0)
+    lengths = [prompt + GEN, 300]
+    batch = DenseBatch(
+        None,
+        torch.tensor([0, 96, 99], dtype=torch.int32, device="cuda"),
+        torch.tensor(lengths, dtype=torch.int32, device="cuda"),
+        case["block_table"],
+        96,
+        max(lengths),
+    )
+    scale = HEAD_DIM**-0.5
+    got = torch.full_like(case["q"], float("nan"))
+    dense_attention(case["q"], case["key_cache"], case["value_cache"], scale, batch, got)
     torch.cuda.synchronize()
     want = sparse_paged_attention_ref(**case, scale=scale)
-    assert not got.isnan().any()
     assert rel_rms(got.float(), want.float()) < 2e-2
 
 

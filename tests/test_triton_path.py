@@ -2,7 +2,8 @@
 take its Triton path (vLLM's unified attention for the dense work, the tiled sparse kernel,
 the selection on the device) under Triton's interpreter, and it equals the reference decoder.
 
-One engine per family (float32, tiny checkpoints with 4 layers: 2 dense, 2 sparse), one batch:
+One engine per family (float32, tiny checkpoints with 2 layers: the first dense, where the
+sinks are found, the second sparse), one batch:
 a prompt above `min_prompt_len` (Focus: refreshes through the dense kernel, within-block steps
 through both) beside one below it (dense in every layer, in the same forwards). The interpreter
 runs every program in Python, so the prompts and the canvas are short.
@@ -23,11 +24,13 @@ pytestmark = pytest.mark.skipif(
     torch.cuda.is_available(), reason="on a GPU the engine takes this path anyway"
 )
 
-PROMPT_LENGTHS = [150, 20]
+PROMPT_LENGTHS = [90, 20]
 MAX_TOKENS = [16, 16]
 SPARSE = {
     "gen_length": 16,
     "block_length": 8,
+    "steps": 8,
+    "dense_layers": 1,
     "min_prompt_len": 64,
     "prompt_block_size": 16,
     "min_keep_tokens": 32,
@@ -44,7 +47,7 @@ def engine(request, tmp_path_factory):
     from vllm_focus.testing.tiny import write_tiny_checkpoint
 
     root = tmp_path_factory.mktemp(f"triton-{request.param}")
-    model_dir = str(write_tiny_checkpoint(root, request.param, num_layers=4))
+    model_dir = str(write_tiny_checkpoint(root, request.param))
     previous = os.environ.get("VLLM_FOCUS_TRITON")
     os.environ["VLLM_FOCUS_TRITON"] = "1"  # read in the engine's processes
     try:
@@ -66,7 +69,7 @@ def engine(request, tmp_path_factory):
 
 
 def _prompts(reference: ReferenceModel) -> list[list[int]]:
-    generator = torch.Generator().manual_seed(2)
+    generator = torch.Generator().manual_seed(5)  # a seed where pruning shows
     vocab = reference.config.vocab_size - 8
     return [torch.randint(0, vocab, (n,), generator=generator).tolist() for n in PROMPT_LENGTHS]
 

@@ -147,22 +147,33 @@ def dense_subset(meta, requests: list[int]) -> DenseBatch:
     return batch
 
 
-def find_sinks(q, keys, scale, meta, wanted: list[int], all_reduce) -> None:
-    """At the wanted requests' last dense layer: each one's top `num_sinks` prompt keys by the
-    softmax mass its queries put on them (summed over heads and ranks), best first."""
-    from vllm_focus.kernels.sink_scores import sink_scores
+def attend_and_find_sinks(q, keys, values, scale, meta, wanted, out, all_reduce) -> None:
+    """The wanted requests at their last dense layer: dense attention through the tiled kernel
+    (whole-sequence tiles), which also gives each row's log-sum-exp; from it the softmax mass
+    each prompt key receives; each request keeps its top `num_sinks` prompt keys, best first
+    (summed over heads and ranks)."""
+    from vllm_focus.kernels.sink_scores import sink_mass
+    from vllm_focus.kernels.sparse_attention import key_tiles, tiled_sparse_attention
 
     batch = meta.focus
-    lengths = [batch.prompt_lens[r] if r in wanted else 0 for r in range(len(batch.plans))]
-    scores = sink_scores(
-        q,
-        meta.query_start_loc,
-        keys,
-        meta.block_table,
-        meta.seq_lens,
-        torch.tensor(lengths, dtype=torch.int32).to(q.device, non_blocking=True),
-        scale,
-        max_prompt_len=max(lengths),
+    key = ("sinks", tuple(wanted))
+    cached = meta.step_cache.get(key)
+    if cached is None:
+        ranges = [(r, [(0, meta.seq_lens_cpu[r])], None) for r in wanted]
+        lengths = [batch.prompt_lens[r] if r in wanted else 0 for r in range(len(batch.plans))]
+        prompt_lens = torch.tensor(lengths, dtype=torch.int32).to(q.device, non_blocking=True)
+        cached = meta.step_cache[key] = (
+            key_tiles(ranges, meta.query_start_loc_cpu, q.device),
+            prompt_lens,
+            max(lengths),
+        )
+    tiles, prompt_lens, max_prompt = cached
+    lse = torch.empty(q.shape[0], q.shape[1], device=q.device)
+    tiled_sparse_attention(
+        q, keys, values, meta.block_table, meta.query_start_loc, tiles, scale, out, lse=lse
+    )
+    scores = sink_mass(
+        q, meta.query_start_loc, keys, meta.block_table, prompt_lens, lse, scale, max_prompt
     )
     scores = all_reduce(scores)
     # Past a prompt the scores are -inf: a stable descending sort puts them last, and ties go
@@ -382,11 +393,11 @@ def forward(impl, index: int, q, keys, values, meta, out, wanted: list[int], all
             for r, plan in enumerate(batch.plans)
             if plan is not None and index >= plan.dense_layers
         ]
-    dense = [r for r in range(num_reqs) if r not in sparse]
+    dense = [r for r in range(num_reqs) if r not in sparse and r not in wanted]
     if dense:
         dense_attention(q, keys, values, impl.scale, dense_subset(meta, dense), out)
     if wanted:
-        find_sinks(q, keys, impl.scale, meta, wanted, all_reduce)
+        attend_and_find_sinks(q, keys, values, impl.scale, meta, wanted, out, all_reduce)
     if sparse:
         tiles = impl.selector.key_tiles(q, keys, impl.scale, meta, sparse, all_reduce)
         tiled_sparse_attention(
