@@ -9,9 +9,13 @@ one request with G = 256 response tokens:
 - focus: |A| = 3 queries over the kept keys (keep_ratio of the prompt in blocks of 64, 16
   sinks, the response) on the paged cache, plus the block scoring of |F| = 1 focus query;
 - also: |A| queries over all keys (a dense layer of Focus) and the sink scoring (once per
-  step, at the last dense layer).
+  step, at the last dense layer); on CUDA a refresh's layer, all P + G queries, through
+  vLLM's unified attention (where vLLM is installed) and SDPA; and each kernel's achieved
+  K/V read bandwidth against `--peak-gbps`.
 
-The Focus path is the one the FOCUS backend runs: the Triton kernels on CUDA; on the CPU the
+The Focus path is the one the FOCUS backend runs: on CUDA the Triton path (the tiled sparse
+kernel, block scores from block means on the device, the sink layer through the tiled kernel's
+log-sum-exp and the mass kernel; vllm_focus/attention/triton_path.py); on the CPU the
 in-place torch path (kernels/cpu.py), where block scores come from block means computed once
 per refresh (reported separately; a within-block step only reads them) and the sink scores
 from the dense layer's own attention pass. Prints a table and the dual/focus ratio; `--out`
@@ -94,30 +98,63 @@ def _paged(keys: torch.Tensor, values: torch.Tensor, generator: torch.Generator)
     return key_cache, value_cache, order.to(torch.int32)[None, :]
 
 
-def _kept_keys(prompt: int, keep_ratio: float, generator: torch.Generator) -> torch.Tensor:
-    """A Focus key set: random top blocks within keep_ratio, sinks, the response."""
+def _kept_keys(prompt: int, keep_ratio: float, generator: torch.Generator):
+    """A Focus key set: random top blocks within keep_ratio, sinks, the response. Returns
+    the positions (deduplicated) and the same set as (ranges, sinks) for the tiled kernel."""
     num_blocks = -(-prompt // PROMPT_BLOCK)
     kept = max(1, -(-int(keep_ratio * prompt) // PROMPT_BLOCK))
     blocks = torch.randperm(num_blocks, generator=generator)[:kept]
     positions = (blocks[:, None] * PROMPT_BLOCK + torch.arange(PROMPT_BLOCK)).flatten()
+    positions = positions[positions < prompt]
     sinks = torch.randint(0, prompt, (SINKS,), generator=generator)
-    keys = torch.cat([positions[positions < prompt], sinks, torch.arange(prompt, prompt + GEN)])
-    return torch.unique(keys)
+    sinks = sinks[~torch.isin(sinks // PROMPT_BLOCK, blocks)].unique()
+    ranges = [(int(b) * PROMPT_BLOCK, min(prompt, int(b) * PROMPT_BLOCK + PROMPT_BLOCK))
+              for b in blocks.sort().values]  # fmt: skip
+    ranges.append((prompt, prompt + GEN))
+    keys = torch.cat([positions, sinks, torch.arange(prompt, prompt + GEN)])
+    return torch.unique(keys), (ranges, sinks.tolist())
 
 
 def _focus_ops(device: str, scale: float):
-    """(attention, per-step block scoring, sink scoring, block means or None) as the FOCUS
+    """(attention, per-step block scoring, sink layer, block means or None) as the FOCUS
     backend runs them on `device`; each takes the argument dicts built in run_case."""
     if device in ("cuda", "interpret"):
-        from vllm_focus.kernels.block_scores import prompt_block_scores
-        from vllm_focus.kernels.sink_scores import sink_scores
-        from vllm_focus.kernels.sparse_attention import sparse_paged_attention
+        from vllm_focus.attention.triton_path import block_means as device_means
+        from vllm_focus.kernels.cpu import block_scores_from_means
+        from vllm_focus.kernels.sink_scores import sink_mass
+        from vllm_focus.kernels.sparse_attention import tiled_sparse_attention
+
+        def attention(a):
+            out = torch.empty_like(a["q"])
+            return tiled_sparse_attention(
+                a["q"], a["key_cache"], a["value_cache"], a["block_table"],
+                a["query_start"], a["tiles"], scale, out,
+            )  # fmt: skip
+
+        def sink_layer(a, s):
+            # The sink layer on the Triton path: its dense attention through the tiled kernel
+            # (which returns each row's log-sum-exp), then the mass per prompt key.
+            lse = torch.empty(a["q"].shape[0], a["q"].shape[1], device=a["q"].device)
+            out = torch.empty_like(a["q"])
+            tiled_sparse_attention(
+                a["q"], a["key_cache"], a["value_cache"], a["block_table"],
+                a["query_start"], a["tiles"], scale, out, lse=lse,
+            )  # fmt: skip
+            return sink_mass(
+                s["q"], s["cu_seqlens_q"], s["key_cache"], s["block_table"],
+                s["prompt_lens"], lse, scale, int(s["prompt_lens"][0]),
+            )  # fmt: skip
+
+        def means(b):
+            return device_means(
+                b["key_cache"], b["block_table"], 0, int(b["prompt_lens"][0]), PROMPT_BLOCK
+            )
 
         return (
-            lambda a: sparse_paged_attention(**a),
-            lambda b, means: prompt_block_scores(**b),
-            lambda a, s: sink_scores(**s),
-            None,
+            attention,
+            lambda b, m: block_scores_from_means(b["q"], m, scale),
+            sink_layer,
+            means,
         )
     from vllm_focus.kernels.cpu import (
         block_scores_from_means,
@@ -130,12 +167,44 @@ def _focus_ops(device: str, scale: float):
             b["key_cache"], b["block_table"], 0, int(b["prompt_lens"][0]), PROMPT_BLOCK
         )
 
+    def cpu_args(a):
+        return {k: v for k, v in a.items() if k not in ("query_start", "tiles")}
+
     return (
-        lambda a: paged_attention_cpu(**a)[0],
+        lambda a: paged_attention_cpu(**cpu_args(a))[0],
         lambda b, m: block_scores_from_means(b["q"], m, scale),
         # The sink layer: dense attention that also sums the mass per prompt key.
-        lambda a, s: paged_attention_cpu(**a, sink_prompt_lens=s["prompt_lens"].tolist())[1],
+        lambda a, s: paged_attention_cpu(**cpu_args(a), sink_prompt_lens=s["prompt_lens"].tolist())[
+            1
+        ],
         means,
+    )
+
+
+def _refresh_ms(device, q, key_cache, value_cache, block_table, total, scale, repeats):
+    """A refresh's layer on the Triton path: all P + G queries through vLLM's unified
+    attention (None where vLLM is not installed, as on the lent GPU machine)."""
+    try:
+        from vllm_focus.attention.triton_path import DenseBatch, dense_attention
+    except ImportError:
+        return None
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return None
+    where = q.device
+    int32 = dict(dtype=torch.int32, device=where)
+    batch = DenseBatch(
+        None,
+        torch.tensor([0, total], **int32),
+        torch.tensor([total], **int32),
+        block_table,
+        total,
+        total,
+    )
+    out = torch.empty_like(q)
+    return _timed(
+        lambda: dense_attention(q, key_cache, value_cache, scale, batch, out), device, repeats
     )
 
 
@@ -164,7 +233,10 @@ def run_case(prompt: int, layout: str, device: str, keep_ratio: float, repeats: 
             enable_gqa=num_heads != num_kv_heads,
         )
 
-    selected = _kept_keys(prompt, keep_ratio, generator).to(torch.int32).to(where)
+    selected, (ranges, sinks) = _kept_keys(prompt, keep_ratio, generator)
+    selected = selected.to(torch.int32).to(where)
+    from vllm_focus.kernels.sparse_attention import key_tiles
+
     sparse_args = dict(
         q=active_q,
         key_cache=key_cache,
@@ -174,12 +246,15 @@ def run_case(prompt: int, layout: str, device: str, keep_ratio: float, repeats: 
         key_positions=selected,
         cu_seqlens_k=torch.tensor([0, selected.numel()], **int32),
         scale=scale,
+        query_start=torch.tensor([0, ACTIVE], **int32),
+        tiles=key_tiles([(0, ranges, sinks)], [0, ACTIVE], where),
     )
     every = torch.arange(total, **int32)
     dense_args = {
         **sparse_args,
         "key_positions": every,
         "cu_seqlens_k": torch.tensor([0, total], **int32),
+        "tiles": key_tiles([(0, [(0, total)], None)], [0, ACTIVE], where),
     }
     prompt_lens = torch.tensor([prompt], **int32)
     block_args = dict(
@@ -223,6 +298,16 @@ def run_case(prompt: int, layout: str, device: str, keep_ratio: float, repeats: 
     }
     row["focus_layer_ms"] = row["focus_attention_ms"] + row["block_scores_ms"]
     row["dual_over_focus_layer"] = row["dual_block_sdpa_ms"] / row["focus_layer_ms"]
+    # Achieved bandwidth: the K/V bytes each kernel must read once, over its time.
+    per_key = 2 * num_kv_heads * head_dim * key_cache.element_size()
+    row["focus_attention_gbps"] = selected.numel() * per_key / row["focus_attention_ms"] / 1e6
+    row["active_dense_gbps"] = total * per_key / row["active_dense_ms"] / 1e6
+    if device == "cuda":  # the interpreter would take minutes per refresh
+        refresh_q = torch.randn(total, num_heads, head_dim, generator=generator).to(where, dtype)
+        row["refresh_unified_ms"] = _refresh_ms(
+            where, refresh_q, key_cache, value_cache, block_table, total, scale, repeats
+        )
+        row["refresh_sdpa_ms"] = _timed(lambda: sdpa(refresh_q), where, repeats)
     return row
 
 
@@ -234,6 +319,9 @@ def main() -> None:
     parser.add_argument("--keep-ratio", type=float, default=0.1)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", help="write the rows as JSON here")
+    parser.add_argument(
+        "--peak-gbps", type=float, default=4800.0, help="device memory bandwidth (H200: 4800)"
+    )
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device; use --device cpu (torch path) or interpret (smoke run)")
@@ -260,7 +348,20 @@ def main() -> None:
         )
     print("ms per layer and step; dual/focus = dense dual attention (B=32 queries, SDPA) over a")
     print("sparse Focus layer (|A| queries over the kept keys + block scoring); sinks: the sink")
-    print("layer (CPU: its dense attention with the sink sums; CUDA: the sink kernel alone)")
+    print("layer (its dense attention with the sink sums)")
+    print(f"achieved K/V read bandwidth, GB/s (peak {args.peak_gbps:.0f}):")
+    for r in rows:
+        refresh = ""
+        if r.get("refresh_sdpa_ms") is not None:
+            unified = r.get("refresh_unified_ms")
+            refresh = f"  refresh P+G queries: sdpa {r['refresh_sdpa_ms']:.2f} ms"
+            refresh += "" if unified is None else f", unified attention {unified:.2f} ms"
+        print(
+            f"{r['prompt']:>7} {r['layout']:>10} focus {r['focus_attention_gbps']:8.1f} "
+            f"({100 * r['focus_attention_gbps'] / args.peak_gbps:4.1f}%)  dense |A| "
+            f"{r['active_dense_gbps']:8.1f} ({100 * r['active_dense_gbps'] / args.peak_gbps:4.1f}%)"
+            f"{refresh}"
+        )
     if args.out:
         with open(args.out, "w") as handle:
             json.dump({"device": args.device, "rows": rows}, handle, indent=1)
