@@ -139,6 +139,32 @@ def test_unsupported_engine_options_are_refused_with_the_flag_named(case, tiny_d
     assert "is not supported" in str(info.value)
 
 
+TRITON_PATH = {
+    "without the interpreter": ({}, {"TRITON_INTERPRET": None}, "set TRITON_INTERPRET=1"),
+    "block size": ({"block_size": 24}, {}, "--block-size 24 is not supported"),
+}
+
+
+@pytest.mark.parametrize("case", list(TRITON_PATH))
+def test_what_the_triton_path_cannot_run_is_refused_at_startup(case, tiny_dirs, monkeypatch):
+    """The FOCUS backend's Triton path (on CUDA, or VLLM_FOCUS_TRITON=1) names what it does
+    not support before any request."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    import vllm_focus
+
+    vllm_focus.register()
+    options, environment, message = TRITON_PATH[case]
+    monkeypatch.setenv("VLLM_FOCUS_TRITON", "1")
+    for name, value in environment.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+    arguments = {"dtype": "float32", "attention_backend": "focus", **options}
+    with pytest.raises(Exception) as info:
+        EngineArgs(model=tiny_dirs["llada"], **arguments).create_engine_config()
+    assert message in str(info.value)
+
+
 def test_default_options_and_explicitly_off_prefix_caching_start(tiny_dirs):
     """What the hook turns off itself is fine to turn off by hand; the defaults pass; CUDA
     graphs are off and the budget holds one whole request."""

@@ -83,6 +83,8 @@ def check_attention(vllm_config, focus: bool) -> None:
     """The checkpoint's head size and the cache dtype against the attention path in use."""
     from vllm.platforms import current_platform
 
+    from vllm_focus.attention.triton_path import triton_path_forced
+
     model_config = vllm_config.model_config
     if focus:
         kv_cache_dtype = vllm_config.cache_config.cache_dtype
@@ -91,6 +93,8 @@ def check_attention(vllm_config, focus: bool) -> None:
                 f"vllm-focus: --kv-cache-dtype {kv_cache_dtype} is not supported by the FOCUS "
                 "attention backend, which keeps K/V in the model dtype; allowed: auto"
             )
+        if current_platform.is_cuda_alike() or triton_path_forced():
+            _check_triton_path(vllm_config)
         return
     if not current_platform.is_cpu():
         # On CUDA vLLM validates the backend it selects against the model itself.
@@ -113,6 +117,46 @@ def check_attention(vllm_config, focus: bool) -> None:
         raise StartupError(
             f"vllm-focus: dtype {dtype} is not supported by vLLM's CPU attention; allowed: "
             f"{[str(d) for d in CPUAttentionBackend.supported_dtypes]}"
+        )
+
+
+def _check_triton_path(vllm_config) -> None:
+    """What the FOCUS backend's Triton path (vLLM's unified attention and our tiled kernels)
+    supports: the limits of vLLM's Triton attention backend, which runs the same kernel."""
+    import os
+
+    from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend
+
+    from vllm_focus.attention.triton_path import SWITCH
+
+    model_config = vllm_config.model_config
+    config = model_config.hf_config
+    head_size = config.hidden_size // config.num_attention_heads
+    if not TritonAttentionBackend.supports_head_size(head_size) or head_size > 256:
+        raise StartupError(
+            f"vllm-focus: the checkpoint at {model_config.model!r} has head size {head_size}, "
+            "which the FOCUS backend's Triton kernels do not support; allowed: 32 to 256"
+        )
+    dtype = model_config.dtype
+    if dtype not in TritonAttentionBackend.supported_dtypes:
+        raise StartupError(
+            f"vllm-focus: dtype {dtype} is not supported by the FOCUS backend's Triton kernels; "
+            f"allowed: {[str(d) for d in TritonAttentionBackend.supported_dtypes]}"
+        )
+    block_size = vllm_config.cache_config.block_size
+    if block_size is not None and block_size % 16:
+        raise StartupError(
+            f"vllm-focus: --block-size {block_size} is not supported by the FOCUS backend's "
+            "Triton kernels; allowed: a multiple of 16"
+        )
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cuda_alike() and os.environ.get("TRITON_INTERPRET") != "1":
+        where = current_platform.device_type
+        raise StartupError(
+            f"vllm-focus: {SWITCH}=1 runs the FOCUS backend's Triton path on {where}, which "
+            "has no Triton backend: set TRITON_INTERPRET=1 too (Triton's interpreter, for "
+            f"tests), or unset {SWITCH}"
         )
 
 
