@@ -15,7 +15,7 @@ configs and models), sends one long chat prompt with each KV-cache mode, then st
 engine with
 `attention_backend="focus"` and sends it again with Focus on the dual cache. It prints the
 time, tokens/s and whether the engine's tokens equal the plain-PyTorch reference decoder's
-(DESIGN §3) — they must, token for token.
+(docs/design.md §3) — they must, token for token.
 
 Those weights are random, so the text is noise; the point is the plumbing, the exactness and
 the cost of each mode.

@@ -2,7 +2,7 @@
 
 Each `published_*` function below re-states one published generator in its own structure
 (full-row top-k over -inf-padded confidences, window-relative indexing, the block-start commit,
-...), written here from reading it (DESIGN §3 names them):
+...), written here from reading it (docs/design.md §3 names them):
 
 - LLaDA `generate.py::generate`                       -> published_llada
 - Fast-dLLM `llada/generate.py::generate_with_prefix_cache / _dual_cache` (+ threshold)

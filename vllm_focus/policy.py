@@ -46,7 +46,7 @@ def recomputed_end(plan: DecodePlan, start: int, total: int) -> int:
 
 
 def step_span(plan: DecodePlan, prompt_len: int, block: int, block_start: bool) -> range:
-    """Positions a step outside Focus computes (DESIGN §3, cache modes).
+    """Positions a step outside Focus computes (docs/design.md §3, cache modes).
 
     Without a cache every step computes the whole canvas. A block's first step refreshes
     everything (refresh `block`, and the first block under `prefill`) or, under `prefill`,
@@ -172,7 +172,7 @@ def top_indices(scores: torch.Tensor, count: int) -> torch.Tensor:
 
 @dataclass
 class FocusStep:
-    """The positions of one Focus step of one request (DESIGN §3, "Focus attention")."""
+    """The positions of one Focus step of one request (docs/design.md §3, "Focus attention")."""
 
     focus: torch.Tensor  # F: masked positions predicted to unmask, ascending
     candidates: torch.Tensor  # masked positions of the current block inside A, ascending

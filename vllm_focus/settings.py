@@ -1,7 +1,7 @@
 """Diffusion decoding settings: names, defaults, allowed values, and the per-request plan.
 
 Pure Python (no torch, no vLLM) so that the server can validate settings at startup and per
-request, and the reference decoder and the engine read one definition. DESIGN.md §3 is the
+request, and the reference decoder and the engine read one definition. docs/design.md §3 is the
 meaning of every field.
 """
 
@@ -41,7 +41,7 @@ class DiffusionSettings:
     threshold: float | None = None
     cache: str = "dual"
     refresh: str = "block"
-    # Focus attention (used when the server runs `--attention-backend focus`; DESIGN §3).
+    # Focus attention (used when the server runs `--attention-backend focus`; docs/design.md §3).
     window: int = 1
     dense_layers: int = 2
     num_sinks: int = 16
@@ -143,7 +143,7 @@ class DiffusionSettings:
 
 @dataclass(frozen=True)
 class FocusPlan:
-    """Focus attention's knobs for one request (DESIGN §3, "Focus attention")."""
+    """Focus attention's knobs for one request (docs/design.md §3, "Focus attention")."""
 
     window: int
     dense_layers: int

@@ -37,8 +37,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.sequence import IntermediateTensors
 
-from vllm_focus.attention.backend import FocusAttentionBackend
-from vllm_focus.engine.config_hook import focus_requested
+from vllm_focus.attention.backend import FocusAttentionBackend, focus_requested
 from vllm_focus.model_executor.models.layout import (
     CheckpointError,
     check_checkpoint,

@@ -163,6 +163,17 @@ class FocusAttentionBackend(AttentionBackend):
         return True
 
 
+def focus_requested(vllm_config) -> bool:
+    """`--attention-backend focus` (FOCUS is an alias of vLLM's CUSTOM slot holding ours)."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from vllm_focus import FOCUS_BACKEND
+
+    backend = getattr(getattr(vllm_config, "attention_config", None), "backend", None)
+    custom = AttentionBackendEnum.CUSTOM
+    return backend is custom and custom.is_overridden() and custom.get_path() == FOCUS_BACKEND
+
+
 def _all_reduce(scores: torch.Tensor) -> torch.Tensor:
     """Sum head-summed scores over tensor-parallel ranks (heads are split across them)."""
     from vllm.distributed import (

@@ -21,9 +21,9 @@ from dataclasses import fields
 from vllm.config import CompilationMode, CUDAGraphMode, VllmConfig
 from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
-from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-from vllm_focus import FOCUS_BACKEND, MODEL_CLASSES
+from vllm_focus import MODEL_CLASSES
+from vllm_focus.attention.backend import focus_requested
 from vllm_focus.engine import metrics, startup
 from vllm_focus.engine.settings import CONFIG_KEY, server_settings
 from vllm_focus.settings import FocusPlan
@@ -88,13 +88,6 @@ def _log_settings(vllm_config, settings, focus: bool) -> None:
         ", ".join(f"{k}={v}" for k, v in values.items() if k not in focus_knobs),
         ", ".join(f"{k}={v}" for k, v in values.items() if k in focus_knobs),
     )
-
-
-def focus_requested(vllm_config) -> bool:
-    """`--attention-backend focus` (FOCUS is an alias of vLLM's CUSTOM slot holding ours)."""
-    backend = getattr(getattr(vllm_config, "attention_config", None), "backend", None)
-    custom = AttentionBackendEnum.CUSTOM
-    return backend is custom and custom.is_overridden() and custom.get_path() == FOCUS_BACKEND
 
 
 def install() -> None:

@@ -20,8 +20,7 @@ from vllm.forward_context import set_forward_context
 from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 
-from vllm_focus.attention.backend import FocusBatch, FocusMetadata
-from vllm_focus.engine.config_hook import focus_requested
+from vllm_focus.attention.backend import FocusBatch, FocusMetadata, focus_requested
 from vllm_focus.engine.decoder import RequestState
 from vllm_focus.engine.settings import resolve_plan, server_settings
 from vllm_focus.engine.stats import StepRecord, StepStats

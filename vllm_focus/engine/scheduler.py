@@ -2,7 +2,7 @@
 step per engine step for every running request, within the token budget.
 
 A request is admitted when the KV cache can hold its prompt *and* its G-token canvas (the
-masks after the current block are part of the sequence, DESIGN §3), so a running request never
+masks after the current block are part of the sequence, docs/design.md §3), so a running request never
 needs another block and never has to be preempted.
 
 Each step is charged what it computes (`policy.step_token_bound`): a block-start refresh the
@@ -28,7 +28,7 @@ from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, Schedul
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
-from vllm_focus.engine.config_hook import focus_requested
+from vllm_focus.attention.backend import focus_requested
 from vllm_focus.engine.metrics import DiffusionMetrics
 from vllm_focus.engine.settings import resolve_plan, server_settings
 from vllm_focus.model_executor.models.layout import family_of

@@ -22,7 +22,7 @@ from vllm_focus.model_executor.models.layout import family_of
 from vllm_focus.settings import SettingsError
 
 # Sampling options of vLLM's token-by-token sampler that masked diffusion decoding does not
-# apply (DESIGN §3 decodes with temperature and seed only), with the value that means "off".
+# apply (docs/design.md §3 decodes with temperature and seed only), with the value that means "off".
 # Accepting them would silently change what the client asked for, so they are refused.
 _NEUTRAL_SAMPLING = {
     "presence_penalty": 0.0,

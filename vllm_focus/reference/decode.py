@@ -1,4 +1,4 @@
-"""The reference decoder: DESIGN §3 semantics written the plain way, one request at a time.
+"""The reference decoder: docs/design.md §3 semantics written the plain way, one request at a time.
 
 The canvas is prompt + G masks, decoded block by block. Each step picks, for the masked
 positions of the current block, a token (argmax, or Gumbel-max with a seeded generator) and a

@@ -4,7 +4,7 @@ The oracle for the vLLM model classes and for every cache mode: no vLLM, no fuse
 one sequence at a time, attention written out as softmax(q k^T / sqrt(d)) v over every key
 (bidirectional). A forward computes a chosen set of query positions; keys and values of the
 other positions come from a caller-held cache (`KVCache`), which is how the approximate
-caches of DESIGN §3 are expressed "the obvious way".
+caches of docs/design.md §3 are expressed "the obvious way".
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ class KVCache:
 
 @dataclass
 class FocusForward:
-    """What a Focus step's forward needs beyond the query (DESIGN §3, "Focus attention")."""
+    """What a Focus step's forward needs beyond the query (docs/design.md §3, "Focus attention")."""
 
     prompt_len: int
     focus_rows: torch.Tensor  # rows of the query holding F
