@@ -113,8 +113,10 @@ def propose(
     """Token and confidence for each row of `logits` [n, V]; `offsets` are block offsets.
 
     Noise for block offset j comes from row j of a [block_length, V] draw, so it does not
-    depend on which rows are computed.
+    depend on which rows are computed. The work runs where `logits` are (the engine leaves
+    them on its device); only the n tokens and confidences come back to the host.
     """
+    device = logits.device
     logits = logits.double().clone()
     logits[:, mask_token_id] = float("-inf")  # the mask token is never a prediction
     if temperature > 0:
@@ -122,14 +124,16 @@ def propose(
         uniform = torch.rand(
             (plan.block_length, logits.shape[1]), generator=generator, dtype=torch.float64
         )
-        gumbel = -torch.log(-torch.log(uniform[offsets]))
+        # Drawn on the host, as the reference decoder draws them, whatever the device.
+        gumbel = -torch.log(-torch.log(uniform[offsets])).to(device)
         tokens = (logits / temperature + gumbel).argmax(-1)
     else:
         tokens = logits.argmax(-1)
     # LLaDA scores the untempered distribution; Dream scores the tempered one it samples from.
     scale = temperature if (temperature > 0 and plan.schedule == "dream") else 1.0
     probs = (logits / scale).softmax(-1)
-    return Choice(tokens, _confidence(probs, tokens, offsets, plan, seed, step))
+    confidence = _confidence(probs, tokens, offsets, plan, seed, step)
+    return Choice(tokens.cpu(), confidence.cpu())
 
 
 def _confidence(probs, tokens, offsets, plan: DecodePlan, seed, step) -> torch.Tensor:
@@ -142,7 +146,7 @@ def _confidence(probs, tokens, offsets, plan: DecodePlan, seed, step) -> torch.T
     if kind == "entropy":
         return (probs * torch.log(probs + 1e-10)).sum(-1)
     generator = step_generator(0 if seed is None else seed, step, stream=1)
-    return torch.rand(plan.block_length, generator=generator, dtype=torch.float64)[offsets]
+    return torch.rand(plan.block_length, generator=generator, dtype=torch.float64)[offsets.cpu()]
 
 
 def _require_seed(seed: int | None) -> int:

@@ -3,8 +3,8 @@
 Each step is two calls: `query()` names the positions the forward must compute (the engine
 batches them across requests and writes their K/V into the request's paged cache slots), and
 `consume()` takes the logits rows it asked for (`logit_sources()`), unmasks positions and
-returns the finished block's tokens when a block completes. Semantics: docs/design.md §3, the same as
-the reference decoder (vllm_focus.reference.decode), which the tests hold this to.
+returns the finished block's tokens when a block completes. Semantics: docs/design.md §3, the
+same as the reference decoder (vllm_focus.reference.decode), which the tests hold this to.
 """
 
 from __future__ import annotations

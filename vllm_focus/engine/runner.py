@@ -242,8 +242,9 @@ class DiffusionRunnerMixin:
         return groups
 
     def _logits(self, states, queries, hidden) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Per request the positions whose logits it reads, and those logits (on the host:
-        the copy waits for the device, so the model's time ends here)."""
+        """Per request the positions whose logits it reads, and those logits, left on the
+        device: decoding reads back only each position's token and confidence
+        (`policy.propose`). The model's time ends at the device's synchronisation here."""
         offsets, rows, per_request = 0, [], []
         for state, query in zip(states, queries):
             sources = state.logit_sources(query)
@@ -251,7 +252,10 @@ class DiffusionRunnerMixin:
             rows.append(torch.searchsorted(query, sources) + offsets)
             offsets += query.numel()
         index = torch.cat(rows).to(hidden.device)
-        return per_request, self.get_model().compute_logits(hidden[index]).float().cpu()
+        logits = self.get_model().compute_logits(hidden[index]).float()
+        if logits.device.type == "cuda":
+            torch.cuda.synchronize(logits.device)
+        return per_request, logits
 
     @staticmethod
     def _consume(states, per_request, logits) -> list[list[int]]:

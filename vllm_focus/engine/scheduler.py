@@ -2,8 +2,8 @@
 step per engine step for every running request, within the token budget.
 
 A request is admitted when the KV cache can hold its prompt *and* its G-token canvas (the
-masks after the current block are part of the sequence, docs/design.md §3), so a running request never
-needs another block and never has to be preempted.
+masks after the current block are part of the sequence, docs/design.md §3), so a running
+request never needs another block and never has to be preempted.
 
 Each step is charged what it computes (`policy.step_token_bound`): a block-start refresh the
 prompt and canvas (or, refresh `prefill`, the span from the finished block on), a within-block

@@ -18,18 +18,65 @@ position has no computed left neighbour; its logits are those of the block's ref
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 
-from vllm_focus.policy import (
-    FocusStep,
-    focus_step,
-    propose,
-    recomputed_end,
-    select,
-    step_count,
-)
+from vllm_focus.policy import propose, recomputed_end, select, step_count
 from vllm_focus.reference.model import FocusForward, KVCache, ReferenceModel
 from vllm_focus.settings import DecodePlan, DiffusionSettings
+
+
+@dataclass
+class _FocusPositions:
+    focus: torch.Tensor  # F, ascending
+    candidates: torch.Tensor  # the block's masked positions inside A, ascending
+    query: torch.Tensor  # what the forward computes, ascending
+
+
+def _focus_positions(
+    indicator, masked: list[int], start, count, threshold, window, total, shift, tail_from
+) -> _FocusPositions:
+    """One Focus step's positions, written out plainly (the engine's own version is
+    `policy.focus_step`; this one does not share its code, so the tests compare decisions).
+
+    F: the masked positions with the highest past confidence — `count` of them (at least one),
+    or with a threshold every one at or above it plus the best; ties to the lower position.
+    A: every position within `window` of one in F, inside the sequence. The forward computes
+    A, the position before each candidate (Dream's shift reads p - 1 for p) and, under
+    `prefix`, everything from `tail_from` on.
+    """
+    scored = sorted(masked, key=lambda p: (-float(indicator[p - start]), p))
+    if threshold is None:
+        focus = scored[: max(count, 1)]
+    else:
+        focus = [p for p in masked if float(indicator[p - start]) >= threshold]
+        if scored[0] not in focus:
+            focus.append(scored[0])
+    active = set()
+    for p in focus:
+        for q in range(p - window, p + window + 1):
+            if 0 <= q < total:
+                active.add(q)
+    candidates = [p for p in masked if p in active]
+    query = set(active) | {p - shift for p in candidates}
+    if tail_from is not None:
+        query |= set(range(tail_from, total))
+
+    def as_tensor(values):
+        return torch.tensor(sorted(values), dtype=torch.long)
+
+    return _FocusPositions(as_tensor(focus), as_tensor(candidates), as_tensor(query))
+
+
+def _kept_blocks(focus, prompt_len: int) -> int:
+    """Prompt blocks a sparse layer keeps: `keep_ratio` of the prompt but at least
+    `min_keep_tokens`, in whole blocks (rounded up), never more than the prompt has."""
+    size = focus.prompt_block_size
+    blocks = math.ceil(prompt_len / size)
+    tokens = max(math.ceil(focus.keep_ratio * prompt_len), focus.min_keep_tokens)
+    return min(blocks, math.ceil(tokens / size))
 
 
 class RequestDecoder:
@@ -70,7 +117,8 @@ class RequestDecoder:
         plan = self.plan
         start, end = self._block_range(block)
         focus = plan.focus
-        if focus is not None and not focus.applies(self.prompt_len, plan.cache):
+        # Focus runs on the within-block steps of a cached mode, for long enough prompts.
+        if focus is not None and (plan.cache == "none" or self.prompt_len < focus.min_prompt_len):
             focus = None
         # Past-confidence indicator: per block offset, the confidence last computed there.
         indicator = torch.full((plan.block_length,), float("-inf"), dtype=torch.float64)
@@ -80,9 +128,9 @@ class RequestDecoder:
             count = step_count(plan, masked.numel(), i)
             candidates = masked
             if focus is not None and i > 0:
-                step = focus_step(
+                step = _focus_positions(
                     indicator,
-                    masked,
+                    masked.tolist(),
                     start,
                     count,
                     plan.threshold,
@@ -162,7 +210,7 @@ class RequestDecoder:
             self.first_row = logits[int(torch.searchsorted(query, start - 1))]
         return self._logits_of(query, logits)
 
-    def _forward_focus(self, block: int, step: FocusStep):
+    def _forward_focus(self, block: int, step: _FocusPositions):
         """A Focus step's forward over the active set; the cache keeps the K/V of query
         positions outside the range the cache mode recomputes (the block for `dual`, the
         block and what follows for `prefix`), and takes back only the block's."""
@@ -177,7 +225,7 @@ class RequestDecoder:
             dense_layers=focus.dense_layers,
             num_sinks=focus.num_sinks,
             prompt_block_size=focus.prompt_block_size,
-            kept_blocks=focus.kept_blocks(self.prompt_len),
+            kept_blocks=_kept_blocks(focus, self.prompt_len),
         )
         logits, kv = self.model.forward(self.x, query, self.cache, spec)
         written = query[fresh & (query < end)]

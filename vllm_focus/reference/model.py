@@ -17,8 +17,6 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from vllm_focus.policy import top_indices
-
 
 @dataclass
 class ReferenceConfig:
@@ -272,10 +270,17 @@ def _attention(
     return torch.einsum("hqk,khd->qhd", probs, values), probs
 
 
+def _best(scores: torch.Tensor, count: int) -> list[int]:
+    """Indices of the `count` highest scores, ties to the lower index (written out here, not
+    shared with the engine)."""
+    values = scores.tolist()
+    return sorted(range(len(values)), key=lambda i: (-values[i], i))[:count]
+
+
 def _sinks(probs: torch.Tensor, focus: FocusForward) -> torch.Tensor:
     """The prompt keys receiving the most attention mass from the step's queries."""
     mass = probs[:, :, : focus.prompt_len].sum((0, 1))
-    return top_indices(mass, focus.num_sinks)
+    return torch.tensor(_best(mass, focus.num_sinks), dtype=torch.long)
 
 
 def _focus_keys(
@@ -292,7 +297,7 @@ def _focus_keys(
         representative = representative.repeat_interleave(group, dim=0)  # [H, D]
         scores.append((queries * representative).sum() / math.sqrt(q.shape[-1]))
     allowed = torch.zeros(total, dtype=torch.bool)
-    for block in top_indices(torch.stack(scores), focus.kept_blocks).tolist():
+    for block in _best(torch.stack(scores), focus.kept_blocks):
         allowed[block * size : min((block + 1) * size, length)] = True
     allowed[sinks] = True
     allowed[length:] = True
