@@ -183,12 +183,19 @@ def prompt_block_means(
     `prompt_block_size` positions (the last one partial), read in place from the cache."""
     positions = torch.arange(prompt_len, device=key_cache.device)
     rows = request_keys(key_cache, block_table, req, positions).float()  # [P, Hkv, D]
-    num_blocks = -(-prompt_len // prompt_block_size)
-    block_of = positions // prompt_block_size
+    return means_of_blocks(rows, prompt_block_size)
+
+
+def means_of_blocks(rows: torch.Tensor, size: int) -> torch.Tensor:
+    """[blocks, ...]: the mean of each run of `size` rows of `rows` [P, ...] (the last run
+    partial)."""
+    length = rows.shape[0]
+    num_blocks = -(-length // size)
+    block_of = torch.arange(length, device=rows.device) // size
     sums = torch.zeros(num_blocks, *rows.shape[1:], device=rows.device)
     sums.index_add_(0, block_of, rows)
     counts = torch.bincount(block_of, minlength=num_blocks).float()
-    return sums / counts[:, None, None]
+    return sums / counts.reshape(-1, *([1] * (rows.dim() - 1)))
 
 
 def block_scores_from_means(q: torch.Tensor, means: torch.Tensor, scale: float) -> torch.Tensor:

@@ -165,3 +165,14 @@ def sink_scores_ref(
         probs = (torch.einsum("tkgd,nkd->tkgn", grouped, keys) * scale).softmax(-1)
         scores[req, :length] = probs.sum((0, 1, 2))[:length]
     return scores
+
+
+def write_kv_ref(key, value, key_cache, value_cache, slot_mapping) -> None:
+    """Twin of kernels.cache_write.write_kv: a masked scatter of the rows whose slot is >= 0."""
+    slots = slot_mapping.long()
+    written = slots >= 0
+    slots = slots[written]
+    block_size = key_cache.shape[1]
+    blocks, rows = slots // block_size, slots % block_size
+    key_cache[blocks, rows] = key[written].to(key_cache.dtype)
+    value_cache[blocks, rows] = value[written].to(value_cache.dtype)

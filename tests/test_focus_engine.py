@@ -9,6 +9,8 @@ each case first checks that the reference tells pruned and unpruned Focus apart.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -38,6 +40,9 @@ def engine(request, tmp_path_factory):
 
     root = tmp_path_factory.mktemp(f"focus-{request.param}")
     model_dir = str(write_tiny_checkpoint(root, request.param, num_layers=4))
+    # The mutation tests hand the worker a function (`collective_rpc` with a callable), which
+    # vLLM only carries with its insecure serialisation switched on; nothing else here uses it.
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     llm = LLM(
         model=model_dir,
         dtype="float32",
@@ -113,3 +118,55 @@ def test_unpruned_focus_over_the_whole_block_is_dense_dual(engine):
     settings = {**SPARSE, **UNPRUNED, "window": SPARSE["block_length"]}
     dense = {"gen_length": 64, "block_length": 16, "cache": "dual"}
     assert _generate(llm, prompts, settings) == _reference(reference, prompts, dense, focus=False)
+
+
+def _worst_first(scores, count):
+    """A broken top-k: the lowest scores instead of the highest."""
+    import torch
+
+    return torch.sort(scores, descending=False, stable=True).indices[:count]
+
+
+def _mutate(worker, name: str, restore: bool) -> None:
+    """In the worker process: swap one piece of the engine's Focus selection for a broken one
+    (or put the original back)."""
+    from vllm_focus.attention import backend
+    from vllm_focus.engine import decoder
+
+    if name == "kept blocks and sinks":
+        module, attribute, broken = backend, "top_indices", _worst_first
+    else:  # the focus set F: the least confident masked positions
+
+        def broken(indicator, *args, **kwargs):
+            return original(-indicator, *args, **kwargs)
+
+        module, attribute = decoder, "focus_step"
+    saved = f"_unmutated_{attribute}"
+    if restore:
+        setattr(module, attribute, getattr(module, saved))
+        return
+    original = getattr(module, attribute)
+    setattr(module, saved, original)
+    setattr(module, attribute, broken)
+
+
+@pytest.mark.parametrize("mutation", ["kept blocks and sinks", "focus set"])
+def test_a_broken_selection_is_caught(engine, mutation):
+    """The reference decoder states Focus's selection itself, so a wrong decision in the
+    engine's selection shows up as different tokens, not only a wrong plumbing."""
+    import sys
+
+    import cloudpickle
+
+    # The worker cannot import this test module: send the functions themselves.
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    llm, reference = engine
+    prompts = _prompts(reference)
+    want = _reference(reference, prompts, SPARSE)
+    llm.collective_rpc(_mutate, args=(mutation, False))
+    try:
+        mutated = _generate(llm, prompts, SPARSE)
+    finally:
+        llm.collective_rpc(_mutate, args=(mutation, True))
+    assert mutated != want
+    assert _generate(llm, prompts, SPARSE) == want  # and the engine is whole again

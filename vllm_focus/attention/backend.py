@@ -30,6 +30,7 @@ from vllm.v1.attention.backend import (
 )
 
 from vllm_focus.attention import triton_path
+from vllm_focus.attention.means import BlockMeansCache
 from vllm_focus.attention.triton_path import uses_triton_path
 from vllm_focus.policy import top_indices
 from vllm_focus.settings import FocusPlan
@@ -226,22 +227,27 @@ class FocusAttentionImpl(AttentionImpl):
         self.num_kv_heads = num_kv_heads or num_heads
         self.kv_sharing_target_layer_name = None
         self._layer_index: int | None = None
-        # CPU path: request id -> (prompt K/V version, prompt block size, block means).
-        self._block_means: dict[str, tuple[int, int, torch.Tensor]] = {}
+        # CPU path: each request's block means, per version of its prompt K/V.
+        from vllm_focus.kernels.cpu import prompt_block_means
+
+        self._block_means = BlockMeansCache(prompt_block_means)
         # Triton path: the same cache on the device, and the selection built on it.
         self.selector = triton_path.SparseSelector()
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
-        """Write the K/V of the tokens whose slot is >= 0 (Focus leaves some unwritten)."""
+        """Write the K/V of the tokens whose slot is >= 0 (Focus leaves some unwritten): on the
+        Triton path without a host sync (`kernels.cache_write`), else its torch twin."""
         keys, values = split_kv_cache(kv_cache, self.head_size)
-        slots = slot_mapping.long()
-        written = slots >= 0
-        count = slots.shape[0]
-        slots = slots[written]
-        block_size = keys.shape[1]
-        blocks, rows = slots // block_size, slots % block_size
-        keys[blocks, rows] = key[:count][written].to(keys.dtype)
-        values[blocks, rows] = value[:count][written].to(values.dtype)
+        count = slot_mapping.shape[0]
+        key, value = key[:count], value[:count]
+        if uses_triton_path(key.device):
+            from vllm_focus.kernels.cache_write import write_kv
+
+            write_kv(key, value, keys, values, slot_mapping)
+        else:
+            from vllm_focus.kernels.reference import write_kv_ref
+
+            write_kv_ref(key, value, keys, values, slot_mapping)
 
     def forward(
         self,
@@ -340,22 +346,15 @@ class FocusAttentionImpl(AttentionImpl):
     def _scores_from_means(self, sparse, q, keys, meta) -> dict:
         """Block scores from each request's block means, computed once per version of its
         prompt K/V (a within-block step leaves the prompt's K/V as they are), all-reduced."""
-        from vllm_focus.kernels.cpu import block_scores_from_means, prompt_block_means
+        from vllm_focus.kernels.cpu import block_scores_from_means
 
         batch = meta.focus
-        live = {req_id for req_id, _ in batch.prompt_keys}
-        for req_id in [k for k in self._block_means if k not in live]:
-            del self._block_means[req_id]  # finished requests
+        self._block_means.forget_finished(batch)
         scores = {}
         for r in sparse:
-            req_id, version = batch.prompt_keys[r]
-            size = batch.plans[r].prompt_block_size
-            cached = self._block_means.get(req_id)
-            if cached is None or cached[:2] != (version, size):
-                means = prompt_block_means(keys, meta.block_table, r, batch.prompt_lens[r], size)
-                cached = self._block_means[req_id] = (version, size, means)
+            means = self._block_means.get(keys, meta, r)
             rows = batch.focus_rows[batch.focus_req == r]
-            scores[r] = _all_reduce(block_scores_from_means(q[rows], cached[2], self.scale))
+            scores[r] = _all_reduce(block_scores_from_means(q[rows], means, self.scale))
         return scores
 
     @staticmethod

@@ -30,6 +30,8 @@ from functools import cache
 
 import torch
 
+from vllm_focus.attention.means import BlockMeansCache
+from vllm_focus.kernels.cpu import means_of_blocks
 from vllm_focus.kernels.sparse_attention import TILE_N, TILES_PER_SPLIT, KeyTiles
 
 SWITCH = "VLLM_FOCUS_TRITON"
@@ -282,13 +284,7 @@ def block_means(key_cache, block_table, req: int, prompt_len: int, size: int) ->
     positions = torch.arange(prompt_len, device=key_cache.device)
     cache_block = key_cache.shape[1]
     physical = block_table[req, positions // cache_block].long()
-    rows = key_cache[physical, positions % cache_block].float()  # [P, kv_heads, D]
-    blocks = -(-prompt_len // size)
-    block_of = positions // size
-    sums = torch.zeros(blocks, *rows.shape[1:], device=rows.device)
-    sums.index_add_(0, block_of, rows)
-    counts = torch.bincount(block_of, minlength=blocks).float()
-    return sums / counts[:, None, None]
+    return means_of_blocks(key_cache[physical, positions % cache_block].float(), size)
 
 
 class SparseSelector:
@@ -296,7 +292,7 @@ class SparseSelector:
     and version of its prompt K/V, and stacked for the step's sparse requests)."""
 
     def __init__(self) -> None:
-        self._means: dict[str, tuple[int, int, torch.Tensor]] = {}
+        self._means = BlockMeansCache(block_means)
         self._stacked: tuple[tuple, torch.Tensor] | None = None
 
     def _stacked_means(self, keys, meta, requests: list[int]) -> torch.Tensor:
@@ -306,18 +302,8 @@ class SparseSelector:
         ident = tuple((*batch.prompt_keys[r], batch.plans[r].prompt_block_size) for r in requests)
         if self._stacked is not None and self._stacked[0] == ident:
             return self._stacked[1]
-        live = {req_id for req_id, _ in batch.prompt_keys}
-        for req_id in [k for k in self._means if k not in live]:
-            del self._means[req_id]  # finished requests
-        per_request = []
-        for r in requests:
-            req_id, version = batch.prompt_keys[r]
-            size = batch.plans[r].prompt_block_size
-            cached = self._means.get(req_id)
-            if cached is None or cached[:2] != (version, size):
-                means = block_means(keys, meta.block_table, r, batch.prompt_lens[r], size)
-                cached = self._means[req_id] = (version, size, means)
-            per_request.append(cached[2])
+        self._means.forget_finished(batch)
+        per_request = [self._means.get(keys, meta, r) for r in requests]
         stacked = torch.nn.utils.rnn.pad_sequence(per_request, batch_first=True)
         self._stacked = (ident, stacked)
         return stacked
