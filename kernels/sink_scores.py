@@ -47,6 +47,9 @@ def _sink_mass_kernel(
     p_out = SCORES + i_r * stride_sr + pos * stride_sn
     q_start = tl.load(QUERY_START + i_r).to(tl.int64)
     rows = (tl.load(QUERY_START + i_r + 1).to(tl.int64) - q_start) * GROUP
+    # A tile past the request's prompt (or a request not scored: prompt length 0) reads
+    # nothing: a refresh sharing the forward costs no work here.
+    rows = tl.where(i_n * BLOCK_N < prompt_len, rows, 0)
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < HEAD_DIM
     safe = tl.where(m_n, pos, 0).to(tl.int64)

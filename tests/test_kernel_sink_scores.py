@@ -26,8 +26,13 @@ def _args(seq_lens, num_queries, num_heads, num_kv_heads, prompt_lens, device="c
 @pytest.mark.parametrize("num_heads, num_kv_heads", [(4, 4), (7, 1), (6, 2)])
 @pytest.mark.parametrize(
     "seq_lens, num_queries, prompt_lens",
-    [([1], [1], [1]), ([63, 200, 15], [3, 1, 15], [40, 199, 1]), ([1000], [2], [1000])],
-    ids=["len1", "ragged", "long"],
+    [
+        ([1], [1], [1]),
+        ([63, 200, 15], [3, 1, 15], [40, 199, 1]),
+        ([1000], [2], [1000]),
+        ([300, 90], [40, 3], [0, 80]),  # a request not scored (a refresh) beside one that is
+    ],
+    ids=["len1", "ragged", "long", "unscored"],
 )
 def test_scores_match_torch_twin(num_heads, num_kv_heads, seq_lens, num_queries, prompt_lens):
     args = _args(seq_lens, num_queries, num_heads, num_kv_heads, prompt_lens)
