@@ -121,7 +121,7 @@ def _focus_ops(device: str, scale: float):
     if device in ("cuda", "interpret"):
         from vllm_focus.attention.triton_path import block_means as device_means
         from vllm_focus.kernels.cpu import block_scores_from_means
-        from vllm_focus.kernels.sink_scores import sink_mass
+        from vllm_focus.kernels.sink_scores import attention_and_sink_scores
         from vllm_focus.kernels.sparse_attention import tiled_sparse_attention
 
         def attention(a):
@@ -134,15 +134,10 @@ def _focus_ops(device: str, scale: float):
         def sink_layer(a, s):
             # The sink layer on the Triton path: its dense attention through the tiled kernel
             # (which returns each row's log-sum-exp), then the mass per prompt key.
-            lse = torch.empty(a["q"].shape[0], a["q"].shape[1], device=a["q"].device)
-            out = torch.empty_like(a["q"])
-            tiled_sparse_attention(
-                a["q"], a["key_cache"], a["value_cache"], a["block_table"],
-                a["query_start"], a["tiles"], scale, out, lse=lse,
-            )  # fmt: skip
-            return sink_mass(
-                s["q"], s["cu_seqlens_q"], s["key_cache"], s["block_table"],
-                s["prompt_lens"], lse, scale, int(s["prompt_lens"][0]),
+            return attention_and_sink_scores(
+                a["q"], a["query_start"], a["key_cache"], a["value_cache"], a["block_table"],
+                a["tiles"], s["prompt_lens"], int(s["prompt_lens"][0]), scale,
+                torch.empty_like(a["q"]),
             )  # fmt: skip
 
         def means(b):

@@ -118,6 +118,22 @@ def sink_mass(
     return padded[:, :max_prompt_len]
 
 
+def attention_and_sink_scores(
+    q, query_start_loc, key_cache, value_cache, block_table, tiles, prompt_lens,
+    max_prompt_len: int, scale: float, out: torch.Tensor,
+) -> torch.Tensor:  # fmt: skip
+    """The tiles' rows' attention (into out) and, from its log-sum-exp, the sink scores
+    (`sink_mass`): a sink layer's two passes. `tiles` cover each scored request's whole
+    sequence."""
+    lse = torch.empty(q.shape[0], q.shape[1], device=q.device)
+    tiled_sparse_attention(
+        q, key_cache, value_cache, block_table, query_start_loc, tiles, scale, out, lse=lse
+    )
+    return sink_mass(
+        q, query_start_loc, key_cache, block_table, prompt_lens, lse, scale, max_prompt_len
+    )
+
+
 def sink_scores(
     q: torch.Tensor,
     cu_seqlens_q: torch.Tensor,
@@ -155,12 +171,8 @@ def sink_scores(
         for r, n in enumerate(prompt_lens.tolist())
         if n > 0 and starts[r + 1] > starts[r]
     ]
-    lse = torch.zeros(q.shape[0], num_heads, device=q.device)
-    if wanted:
-        tiles = key_tiles(wanted, starts, q.device)
-        tiled_sparse_attention(
-            q, key_cache, key_cache, block_table, cu_seqlens_q, tiles, scale,
-            torch.empty_like(q), lse=lse,
-        )  # fmt: skip
     max_prompt = int(prompt_lens.max()) if prompt_lens.numel() else 0
-    return sink_mass(q, cu_seqlens_q, key_cache, block_table, prompt_lens, lse, scale, max_prompt)
+    return attention_and_sink_scores(
+        q, cu_seqlens_q, key_cache, key_cache, block_table, key_tiles(wanted, starts, q.device),
+        prompt_lens, max_prompt, scale, torch.empty_like(q),
+    )  # fmt: skip

@@ -1,7 +1,7 @@
 """The FOCUS backend's Triton path: what runs on CUDA (and, with `VLLM_FOCUS_TRITON=1` under
 `TRITON_INTERPRET=1`, on the CPU, so CI runs the same call sites).
 
-Per layer (docs/design.md, "One step through a layer"):
+Per layer (docs/design.md §6):
 
 - Dense work — every layer of a forward without Focus, the dense layers of a Focus step, and
   the requests not in Focus at a sparse layer — goes through vLLM's Triton unified attention
@@ -154,8 +154,8 @@ def attend_and_find_sinks(q, keys, values, scale, meta, wanted, out, all_reduce)
     (whole-sequence tiles), which also gives each row's log-sum-exp; from it the softmax mass
     each prompt key receives; each request keeps its top `num_sinks` prompt keys, best first
     (summed over heads and ranks)."""
-    from vllm_focus.kernels.sink_scores import sink_mass
-    from vllm_focus.kernels.sparse_attention import key_tiles, tiled_sparse_attention
+    from vllm_focus.kernels.sink_scores import attention_and_sink_scores
+    from vllm_focus.kernels.sparse_attention import key_tiles
 
     batch = meta.focus
     key = ("sinks", tuple(wanted))
@@ -170,13 +170,10 @@ def attend_and_find_sinks(q, keys, values, scale, meta, wanted, out, all_reduce)
             max(lengths),
         )
     tiles, prompt_lens, max_prompt = cached
-    lse = torch.empty(q.shape[0], q.shape[1], device=q.device)
-    tiled_sparse_attention(
-        q, keys, values, meta.block_table, meta.query_start_loc, tiles, scale, out, lse=lse
-    )
-    scores = sink_mass(
-        q, meta.query_start_loc, keys, meta.block_table, prompt_lens, lse, scale, max_prompt
-    )
+    scores = attention_and_sink_scores(
+        q, meta.query_start_loc, keys, values, meta.block_table, tiles, prompt_lens,
+        max_prompt, scale, out,
+    )  # fmt: skip
     scores = all_reduce(scores)
     # Past a prompt the scores are -inf: a stable descending sort puts them last, and ties go
     # to the lower position, as `policy.top_indices` does.

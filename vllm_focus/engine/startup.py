@@ -101,13 +101,13 @@ def check_attention(vllm_config, focus: bool) -> None:
         return
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
-    config = model_config.hf_config
-    head_size = config.hidden_size // config.num_attention_heads
+    head_size = _head_size(model_config)
     sizes = CPUAttentionBackend.get_supported_head_sizes()
     if head_size not in sizes:
         raise StartupError(
             f"vllm-focus: the checkpoint at {model_config.model!r} has head size {head_size} "
-            f"(hidden_size {config.hidden_size} / {config.num_attention_heads} heads), which "
+            f"(hidden_size {model_config.hf_config.hidden_size} / "
+            f"{model_config.hf_config.num_attention_heads} heads), which "
             f"vLLM's CPU attention (CPU_ATTN, the dense path on CPU) does not support; allowed "
             f"head sizes: {sizes}. Serve it with --attention-backend focus (any head size) or "
             "on a GPU"
@@ -120,6 +120,11 @@ def check_attention(vllm_config, focus: bool) -> None:
         )
 
 
+def _head_size(model_config) -> int:
+    config = model_config.hf_config
+    return config.hidden_size // config.num_attention_heads
+
+
 def _check_triton_path(vllm_config) -> None:
     """What the FOCUS backend's Triton path (vLLM's unified attention and our tiled kernels)
     supports: the limits of vLLM's Triton attention backend, which runs the same kernel."""
@@ -130,8 +135,7 @@ def _check_triton_path(vllm_config) -> None:
     from vllm_focus.attention.triton_path import SWITCH
 
     model_config = vllm_config.model_config
-    config = model_config.hf_config
-    head_size = config.hidden_size // config.num_attention_heads
+    head_size = _head_size(model_config)
     if not TritonAttentionBackend.supports_head_size(head_size) or head_size > 256:
         raise StartupError(
             f"vllm-focus: the checkpoint at {model_config.model!r} has head size {head_size}, "
