@@ -1,31 +1,46 @@
-"""Every decoding method side by side through vLLM's `LLM`, as the context grows (CPU).
+"""Every decoding method side by side through vLLM's `LLM`: concurrency x context (CPU).
 
-    python benchmarks/throughput.py                        # the committed sweep (~35 min, 2 cores)
-    python benchmarks/throughput.py --models llada-mha --prompt-lens 1024 2048 --gen 64
+    python benchmarks/throughput.py                        # the committed sweep (see --help)
+    python benchmarks/throughput.py --models llada-mha --prompt-lens 4096 --concurrency 1 4
 
-Methods (one request at a time, the paper's setting: generation 256, block 32, 256 steps, one
-token per step, EOS ignored so every method does the same work):
+Methods (the paper's schedule: generation 256, block 32, 256 steps, one token per step, EOS
+ignored so every method does the same work), each against the dense method with the same
+refresh policy:
 
 - vanilla: cache `none`, every step a full forward over prompt + canvas;
-- Fast-dLLM `prefix` and `dual`, refresh `block`;
-- Focus (`attention_backend="focus"`, default knobs), cache `dual`, refresh `block` (the
-  paper's method) and refresh `prefill` (the prompt's K/V computed once).
+- Fast-dLLM `prefix` and `dual`, refresh `block` (every block start recomputes everything);
+- `dual-prefill`: dense `dual` with refresh `prefill` (the prompt's K/V computed once);
+- Focus (`attention_backend="focus"`, default knobs), cache `dual`: `focus-block` (refresh
+  `block`, the paper's method; its baseline is `dual`) and `focus-prefill` (its baseline is
+  `dual-prefill`).
 
-The baselines run on vLLM's default attention backend (what a user gets without Focus), Focus
-on the FOCUS backend: two engines on one checkpoint, alive together, the methods interleaved
-per prompt so that machine noise hits them alike. Models: scaled-down random-weight checkpoints
-in the published layouts that keep the real head layouts (LLaDA-8B's MHA, Dream-7B's GQA 7:1)
-at head dim 64.
+N requests are submitted together (`--concurrency`) with a token budget that holds all their
+first forwards in one engine step, so after it every step is one batched step of all N. The
+baselines run on vLLM's default attention backend (what a user gets without Focus), Focus on
+the FOCUS backend: two engines on one checkpoint, alive together, the methods interleaved per
+(prompt length, N) so that machine noise hits them alike. Models: random-weight checkpoints in
+the published layouts that keep the real head layouts (LLaDA-8B's MHA, Dream-7B's GQA 7:1) at
+head dim 64, `--layers` deep (12 by default, Focus's `dense_layers` 2: the dense layers are a
+sixth of the model, as 2 of 28-32 are a fifteenth of the real ones), the width shrunk for time.
 
-Per run: end-to-end tokens/s (wall clock of `generate`, prefill included), decode tokens/s
-(the first engine step, the prompt's first forward, taken out), the model's time in refresh
-steps and in within-block steps (the runner's own timers, `LLM.collective_rpc
-("diffusion_stats")`), the per-step engine overhead (wall time outside the model forward,
-divided by the steps) and the peak resident memory of the engine processes above their idle
-level. Every throughput is also given with that overhead taken out (tokens / model seconds).
-Vanilla above `--vanilla-max-len` runs one step per block (8 full forwards, each the same
-work as any of its 256) and is extrapolated to 256 steps; its rows say so. Fidelity: the share
-of output tokens equal to vanilla's (where vanilla ran in full) and to `dual`'s.
+Per run: aggregate end-to-end tokens/s (wall clock of `generate`, first forwards included),
+decode tokens/s (the leading refresh step(s) holding the first forwards taken out), the
+model's time in refresh steps and in within-block steps (the runner's own timers,
+`LLM.collective_rpc("diffusion_stats")`), one batched within-block step's time and its roofline
+floor, the per-step engine overhead, peak resident memory, and the share of tokens equal to
+vanilla's / `dual`'s / `dual-prefill`'s.
+
+The floor: the same run measures this machine's copy bandwidth (a large tensor copy) and its
+float32 matmul rate (torch.mm at 2048^3); a method's batched within-block step moves at least
+its bytes (the weights once + the K/V it attends, every layer, every request) and does its
+FLOPs (2 x parameters x computed positions + the attention's 4 x query rows x heads x head
+dim x keys); its floor is max(bytes / bandwidth, FLOPs / matmul rate), and the table reports
+each measured step as a multiple of it.
+
+Methods that recompute the whole prompt per block (vanilla, prefix, dual, focus-block) cost 8
+first forwards per request; above `--full-refresh-max` prompt tokens in flight (N x prompt)
+they are skipped for time and the table says so. Vanilla above `--vanilla-max-len` runs one
+step per block and is extrapolated to 256 steps (marked `~`).
 
 Results: benchmarks/results/throughput.json and the plots (benchmarks/plots.py) beside it.
 """
@@ -44,8 +59,8 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 
-# Scaled-down checkpoints that keep the published head layouts at head dim 64: LLaDA-8B's MHA
-# (32 query = 32 KV heads, here 4 = 4) and Dream-7B's GQA 7:1 (28 / 4, here 7 / 1).
+# Checkpoints that keep the published head layouts at head dim 64: LLaDA-8B's MHA (32 query =
+# 32 KV heads, here 4 = 4) and Dream-7B's GQA 7:1 (28 / 4, here 7 / 1).
 MODELS = {
     "llada-mha": dict(
         arch="llada", num_heads=4, num_kv_heads=4, hidden_size=256, intermediate_size=768
@@ -61,15 +76,25 @@ class Method:
     name: str
     engine: str  # "dense": vLLM's default attention backend; "focus": the FOCUS backend
     settings: dict
+    baseline: str | None = None  # the dense method with the same refresh policy
+
+    @property
+    def full_refresh(self) -> bool:
+        """Recomputes the whole prompt at every block start (or every step)."""
+        return self.settings.get("refresh", "block") == "block"
 
 
 METHODS = [
     Method("vanilla", "dense", {"cache": "none"}),
     Method("prefix", "dense", {"cache": "prefix", "refresh": "block"}),
     Method("dual", "dense", {"cache": "dual", "refresh": "block"}),
-    Method("focus-block", "focus", {"cache": "dual", "refresh": "block"}),
-    Method("focus-prefill", "focus", {"cache": "dual", "refresh": "prefill"}),
+    Method("dual-prefill", "dense", {"cache": "dual", "refresh": "prefill"}),
+    Method("focus-block", "focus", {"cache": "dual", "refresh": "block"}, baseline="dual"),
+    Method(
+        "focus-prefill", "focus", {"cache": "dual", "refresh": "prefill"}, baseline="dual-prefill"
+    ),
 ]
+REFERENCES = ("vanilla", "dual", "dual-prefill")
 
 
 class PeakMemory:
@@ -116,7 +141,60 @@ def prompt_ids(length: int, seed: int, vocab: int) -> list[int]:
     return torch.randint(10, vocab - 16, (length,), generator=generator).tolist()
 
 
-def run_one(llm, prompt: list[int], method: Method, args, steps: int) -> dict:
+def measure_machine(seconds: float = 1.0) -> dict:
+    """This process's copy bandwidth (GB/s, bytes read + written) and float32 matmul rate
+    (GFLOP/s), best of repeated runs with torch's default threads (the engine's too)."""
+    import torch
+
+    def best(fn, repeat_s):
+        fn()
+        times, deadline = [], time.perf_counter() + repeat_s
+        while time.perf_counter() < deadline or len(times) < 3:
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    src = torch.rand(64 << 20)  # 256 MiB, far beyond the caches
+    dst = torch.empty_like(src)
+    copy_s = best(lambda: dst.copy_(src), seconds)
+    a, b = torch.rand(2048, 2048), torch.rand(2048, 2048)
+    mm_s = best(lambda: torch.mm(a, b), seconds)
+    return {
+        "copy_gbps": 2 * src.numel() * 4 / copy_s / 1e9,
+        "matmul_gflops": 2 * 2048**3 / mm_s / 1e9,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def step_cost(method: Method, spec: dict, layers: int, weights: dict, prompt_len: int,
+              n: int, args, rows_per_request: float) -> dict:  # fmt: skip
+    """(bytes, FLOPs) of one batched within-block step of `n` requests: the weights read
+    once, the K/V each request attends in every layer, 2 x parameters per computed position,
+    and the attention's two matmuls over the keys each query row attends."""
+    from vllm_focus.settings import DiffusionSettings
+
+    head_dim = spec["hidden_size"] // spec["num_heads"]
+    kv_row = spec["num_kv_heads"] * head_dim * 2 * 4  # K and V of one position, float32
+    dense_keys = prompt_len + args.gen
+    if method.engine == "focus":
+        plan = DiffusionSettings().focus_plan()
+        kept = min(prompt_len, plan.kept_blocks(prompt_len) * plan.prompt_block_size)
+        sparse_keys = min(prompt_len, kept + plan.num_sinks) + args.gen
+        per_layer = [dense_keys] * plan.dense_layers + [sparse_keys] * (layers - plan.dense_layers)
+    else:
+        per_layer = [dense_keys] * layers
+    keys = n * sum(per_layer)
+    rows = n * rows_per_request
+    attention = 4 * rows * spec["num_heads"] * head_dim * sum(per_layer)
+    return {
+        "bytes": weights["bytes"] + keys * kv_row,
+        "flops": 2 * weights["params"] * rows + attention,
+        "kv_bytes": keys * kv_row,
+    }
+
+
+def run_one(llm, prompts: list[list[int]], method: Method, args, steps: int) -> dict:
     from vllm import SamplingParams
 
     settings = {
@@ -131,9 +209,15 @@ def run_one(llm, prompt: list[int], method: Method, args, steps: int) -> dict:
     llm.collective_rpc("diffusion_stats", kwargs={"reset": True})
     with PeakMemory() as memory:
         start = time.perf_counter()
-        output = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         wall = time.perf_counter() - start
     stats = llm.collective_rpc("diffusion_stats", kwargs={"reset": True})[0]
+    records = stats["records"]
+    # The first forwards: the leading refresh step(s) (one when the budget holds them all).
+    first = 0
+    while first < len(records) and records[first]["refresh"]:
+        first += 1
+    within = [r for r in records if not r["refresh"]]
     model = stats["refresh_model_s"] + stats["block_model_s"]
     return {
         "wall_s": wall,
@@ -142,20 +226,25 @@ def run_one(llm, prompt: list[int], method: Method, args, steps: int) -> dict:
         "refresh_model_s": stats["refresh_model_s"],
         "block_model_s": stats["block_model_s"],
         "model_s": model,
-        "first_step_s": stats["records"][0]["runner_s"],
+        "first_forward_steps": first,
+        "first_forward_s": sum(r["runner_s"] for r in records[:first]),
+        "within_block_rows": (
+            sum(r["query_tokens"] for r in within) / len(within) if within else None
+        ),
         "overhead_s": wall - model,
         "peak_rss_mb": memory.peak / 2**20,
         "peak_over_idle_mb": (memory.peak - memory.idle) / 2**20,
-        "token_ids": list(output.outputs[0].token_ids),
+        "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
     }
 
 
-def summarize(raw: dict, args, extrapolated: bool) -> dict:
+def summarize(raw: dict, args, n: int, extrapolated: bool) -> dict:
     """Throughputs of one run; a vanilla run of one step per block scaled to `args.steps`."""
     row = {k: v for k, v in raw.items() if k != "token_ids"}
     scale = args.steps / raw["steps"] if extrapolated else 1.0
     wall, model = raw["wall_s"] * scale, raw["model_s"] * scale
-    first = raw["first_step_s"]
+    tokens = n * args.gen
+    within_steps = raw["steps"] - raw["refresh_steps"]
     row.update(
         extrapolated=extrapolated,
         steps_measured=raw["steps"],
@@ -164,23 +253,23 @@ def summarize(raw: dict, args, extrapolated: bool) -> dict:
         refresh_s=raw["refresh_model_s"] * scale,
         within_block_s=raw["block_model_s"] * scale,
         overhead_per_step_ms=1e3 * raw["overhead_s"] / raw["steps"],
-        tokens_per_s=args.gen / wall,
-        decode_tokens_per_s=args.gen / (wall - first),
-        model_tokens_per_s=args.gen / model,
+        tokens_per_s=tokens / wall,
+        decode_tokens_per_s=tokens / (wall - raw["first_forward_s"]),
+        model_tokens_per_s=tokens / model,
         within_block_step_ms=(
-            1e3 * raw["block_model_s"] / (raw["steps"] - raw["refresh_steps"])
-            if raw["steps"] > raw["refresh_steps"]
-            else None
+            1e3 * raw["block_model_s"] / within_steps if within_steps > 0 else None
         ),
     )
     return row
 
 
-def agreement(a: list[int], b: list[int]) -> float:
-    return sum(x == y for x, y in zip(a, b)) / max(len(a), len(b))
+def agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    pairs = [(x, y) for ra, rb in zip(a, b) for x, y in zip(ra, rb)]
+    return sum(x == y for x, y in pairs) / max(1, len(pairs))
 
 
-def make_engine(model_dir: Path, backend: str, max_len: int, kv_bytes: int):
+def make_engine(model_dir: Path, backend: str, max_len: int, budget: int, kv_bytes: int,
+                max_seqs: int):  # fmt: skip
     from vllm import LLM
 
     extra = {"attention_backend": "focus"} if backend == "focus" else {}
@@ -188,7 +277,8 @@ def make_engine(model_dir: Path, backend: str, max_len: int, kv_bytes: int):
         model=str(model_dir),
         dtype="float32",
         max_model_len=max_len,
-        max_num_batched_tokens=max_len,
+        max_num_batched_tokens=budget,
+        max_num_seqs=max_seqs,
         kv_cache_memory_bytes=kv_bytes,
         seed=0,
         **extra,
@@ -205,13 +295,41 @@ def kv_bytes_per_token(spec: dict, layers: int) -> int:
     return layers * spec["num_kv_heads"] * head_dim * 2 * 4  # K and V, float32
 
 
-def bench_model(name: str, args, progress) -> dict:
+def weights_of(model_dir: Path) -> dict:
+    """Parameters and bytes of a checkpoint's tensors, the embedding table left out (a step
+    reads only its tokens' rows)."""
+    from safetensors import safe_open
+
+    params = 0
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                if "embed" in key or key.endswith("wte.weight"):
+                    continue
+                params += _numel(f.get_slice(key).get_shape())
+    return {"params": params, "bytes": 4 * params}
+
+
+def _numel(shape) -> int:
+    out = 1
+    for d in shape:
+        out *= d
+    return out
+
+
+def skipped(method: Method, prompt_len: int, n: int, args) -> bool:
+    return method.full_refresh and n * prompt_len > args.full_refresh_max
+
+
+def bench_model(name: str, args, machine: dict, progress) -> dict:
     from vllm_focus.settings import DiffusionSettings
     from vllm_focus.testing.tiny import write_tiny_checkpoint
 
     spec = dict(MODELS[name])
     arch = spec.pop("arch")
-    max_len = max(lengths_of(name, args)) + args.gen
+    lengths = lengths_of(name, args)
+    max_len = max(lengths) + args.gen
+    top = max(args.concurrency)
     model_dir = write_tiny_checkpoint(
         Path(tempfile.gettempdir()) / f"bench-throughput-{name}-{args.layers}",
         arch,
@@ -220,42 +338,69 @@ def bench_model(name: str, args, progress) -> dict:
         **spec,
     )
     vocab = json.loads((model_dir / "tiny_shape.json").read_text())["vocab_size"]
-    # One request at a time: its prompt and canvas, plus paging slack.
-    kv_bytes = int(1.25 * max_len * kv_bytes_per_token(spec, args.layers)) + (64 << 20)
+    weights = weights_of(model_dir)
+    # The largest batch in flight: its prompts and canvases, plus paging slack; a token budget
+    # that holds all their first forwards in one step.
+    in_flight = max(n * (p + args.gen) for n in args.concurrency for p in lengths)
+    kv_bytes = int(1.25 * in_flight * kv_bytes_per_token(spec, args.layers)) + (64 << 20)
     backends = sorted({m.engine for m in args.methods})
-    engines = {b: make_engine(model_dir, b, max_len, kv_bytes) for b in backends}
+    engines = {
+        b: make_engine(model_dir, b, max_len, in_flight, kv_bytes, max(top, 2)) for b in backends
+    }
     warmup = argparse.Namespace(gen=args.block, block=args.block)
     for backend, llm in engines.items():  # an engine's first steps pay one-off costs
         method = next(m for m in args.methods if m.engine == backend)
-        run_one(llm, prompt_ids(args.block, 0, vocab), method, warmup, 2)
+        run_one(llm, [prompt_ids(args.block, 0, vocab)] * 2, method, warmup, 2)
 
     rows = []
-    for prompt_len in lengths_of(name, args):
-        for p in range(args.num_prompts):
-            prompt = prompt_ids(prompt_len, 1000 * prompt_len + p, vocab)
-            outputs: dict[str, list[int] | None] = {}
+    for prompt_len in lengths:
+        for n in args.concurrency:
+            prompts = [prompt_ids(prompt_len, 1000 * prompt_len + i, vocab) for i in range(n)]
+            outputs: dict[str, list | None] = {}
             batch = []
             for method in args.methods:
+                if skipped(method, prompt_len, n, args):
+                    progress.update(1)
+                    continue
                 extrapolated = (
                     method.settings["cache"] == "none" and prompt_len > args.vanilla_max_len
                 )
                 steps = args.gen // args.block if extrapolated else args.steps
-                progress.set_postfix_str(f"{name} P={prompt_len} {method.name}")
-                raw = run_one(engines[method.engine], prompt, method, args, steps)
+                progress.set_postfix_str(f"{name} P={prompt_len} N={n} {method.name}")
+                raw = run_one(engines[method.engine], prompts, method, args, steps)
                 progress.update(1)
                 outputs[method.name] = None if extrapolated else raw["token_ids"]
-                batch.append(
-                    {
-                        "model": name,
-                        "prompt_len": prompt_len,
-                        "prompt": p,
-                        "method": method.name,
-                        **summarize(raw, args, extrapolated),
-                    }
-                )
+                row = {
+                    "model": name,
+                    "prompt_len": prompt_len,
+                    "concurrency": n,
+                    "method": method.name,
+                    **summarize(raw, args, n, extrapolated),
+                }
+                if row["within_block_rows"] is not None:
+                    per_request = row["within_block_rows"] / n
+                    cost = step_cost(method, spec, args.layers, weights, prompt_len, n, args,
+                                     per_request)  # fmt: skip
+                    floor = max(
+                        cost["bytes"] / (machine["copy_gbps"] * 1e9),
+                        cost["flops"] / (machine["matmul_gflops"] * 1e9),
+                    )
+                    row.update(
+                        step_bytes=cost["bytes"],
+                        step_flops=cost["flops"],
+                        floor_ms=1e3 * floor,
+                        floor_bound=(
+                            "memory"
+                            if cost["bytes"] / machine["copy_gbps"]
+                            >= cost["flops"] / machine["matmul_gflops"]
+                            else "compute"
+                        ),
+                        over_floor=row["within_block_step_ms"] / (1e3 * floor),
+                    )
+                batch.append(row)
             for row in batch:
                 mine = outputs[row["method"]]
-                for ref in ("vanilla", "dual"):
+                for ref in REFERENCES:
                     theirs = outputs.get(ref)
                     known = mine is not None and theirs is not None
                     row[f"agree_{ref}"] = agreement(mine, theirs) if known else None
@@ -267,6 +412,7 @@ def bench_model(name: str, args, progress) -> dict:
     return {
         "model": name,
         "shape": shape,
+        "weights": weights,
         "rows": rows,
         "focus": asdict(DiffusionSettings().focus_plan()),
     }
@@ -276,47 +422,62 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
+MEANS = (
+    "total_s",
+    "total_model_s",
+    "first_forward_s",
+    "refresh_s",
+    "within_block_s",
+    "tokens_per_s",
+    "decode_tokens_per_s",
+    "model_tokens_per_s",
+    "overhead_per_step_ms",
+    "peak_over_idle_mb",
+)
+OPTIONAL_MEANS = ("within_block_step_ms", "floor_ms", "over_floor", "within_block_rows")
+
+
 def table(rows: list[dict]) -> list[dict]:
-    """Per model, prompt length and method: means over prompts, and the speedups over vanilla
-    and `dual` (end to end as measured, and with the per-step overhead taken out)."""
-    keys = sorted({(r["model"], r["prompt_len"]) for r in rows})
+    """Per model, prompt length, concurrency and method: means over runs, the speedups over
+    vanilla and `dual`, and over the dense method with the same refresh policy (`x same`):
+    end to end, decode-only and per within-block step."""
+    keys = sorted({(r["model"], r["prompt_len"], r["concurrency"]) for r in rows})
+    known = {m.name: m for m in METHODS}
     out = []
-    for model, prompt_len in keys:
-        group = [r for r in rows if r["model"] == model and r["prompt_len"] == prompt_len]
+    for model, prompt_len, n in keys:
+        group = [
+            r
+            for r in rows
+            if (r["model"], r["prompt_len"], r["concurrency"]) == (model, prompt_len, n)
+        ]
         by_method: dict[str, dict] = {}
         for method in dict.fromkeys(r["method"] for r in group):
             mine = [r for r in group if r["method"] == method]
-            entry = {"model": model, "prompt_len": prompt_len, "method": method}
+            entry = {"model": model, "prompt_len": prompt_len, "concurrency": n}
+            entry["method"] = method
             entry["extrapolated"] = any(r["extrapolated"] for r in mine)
-            for key in (
-                "total_s",
-                "total_model_s",
-                "refresh_s",
-                "within_block_s",
-                "tokens_per_s",
-                "decode_tokens_per_s",
-                "model_tokens_per_s",
-                "overhead_per_step_ms",
-                "peak_over_idle_mb",
-            ):
+            for key in MEANS:
                 entry[key] = _mean([r[key] for r in mine])
-            steps = [r["within_block_step_ms"] for r in mine if r["within_block_step_ms"]]
-            entry["within_block_step_ms"] = _mean(steps) if steps else None
-            for ref in ("vanilla", "dual"):
+            for key in OPTIONAL_MEANS:
+                values = [r[key] for r in mine if r.get(key) is not None]
+                entry[key] = _mean(values) if values else None
+            entry["floor_bound"] = mine[0].get("floor_bound")
+            for ref in REFERENCES:
                 agree = [r[f"agree_{ref}"] for r in mine if r[f"agree_{ref}"] is not None]
                 entry[f"agree_{ref}"] = _mean(agree) if agree else None
             by_method[method] = entry
         for entry in by_method.values():
-            for ref in ("vanilla", "dual"):
-                base = by_method.get(ref)
+            baseline = known[entry["method"]].baseline if entry["method"] in known else None
+            for ref, label in (("vanilla", "vanilla"), ("dual", "dual"), (baseline, "same")):
+                base = by_method.get(ref) if ref else None
                 if base is None:
                     continue
-                entry[f"speedup_vs_{ref}"] = entry["tokens_per_s"] / base["tokens_per_s"]
-                entry[f"model_speedup_vs_{ref}"] = (
-                    entry["model_tokens_per_s"] / base["model_tokens_per_s"]
+                entry[f"speedup_vs_{label}"] = entry["tokens_per_s"] / base["tokens_per_s"]
+                entry[f"decode_speedup_vs_{label}"] = (
+                    entry["decode_tokens_per_s"] / base["decode_tokens_per_s"]
                 )
                 if entry["within_block_step_ms"] and base["within_block_step_ms"]:
-                    entry[f"step_speedup_vs_{ref}"] = (
+                    entry[f"step_speedup_vs_{label}"] = (
                         base["within_block_step_ms"] / entry["within_block_step_ms"]
                     )
             out.append(entry)
@@ -325,45 +486,56 @@ def table(rows: list[dict]) -> list[dict]:
 
 def print_table(entries: list[dict]) -> None:
     header = (
-        f"{'model':<11} {'prompt':>6} {'method':<14} {'tok/s':>7} {'model tok/s':>11} "
-        f"{'x vanilla':>10} {'x dual':>7} {'x dual*':>7} {'step ms':>8} {'refresh s':>9} "
-        f"{'ovh ms':>7} {'=van':>5} {'=dual':>5}"
+        f"{'model':<10} {'prompt':>6} {'N':>3} {'method':<13} {'tok/s':>8} {'decode':>8} "
+        f"{'x same':>7} {'dec x':>6} {'step x':>7} {'step ms':>8} {'floor':>7} {'x fl':>5} "
+        f"{'first s':>8} {'refr s':>7} {'block s':>7} {'ovh ms':>6} {'=same':>5}"
     )
     print(header)
 
     def fmt(value, spec):
         return format(value, spec) if value is not None else "-".rjust(int(spec.split(".")[0]))
 
+    known = {m.name: m for m in METHODS}
     for e in entries:
         mark = "~" if e["extrapolated"] else " "
-        print(
-            f"{e['model']:<11} {e['prompt_len']:>6} {e['method']:<14}"
-            f"{e['tokens_per_s']:>7.2f}{mark}{e['model_tokens_per_s']:>11.2f} "
-            f"{fmt(e.get('speedup_vs_vanilla'), '9.2f')}x {fmt(e.get('speedup_vs_dual'), '6.2f')}x "
-            f"{fmt(e.get('model_speedup_vs_dual'), '6.2f')}x "
-            f"{fmt(e['within_block_step_ms'], '8.1f')} {e['refresh_s']:>9.2f} "
-            f"{e['overhead_per_step_ms']:>7.1f} {fmt(e['agree_vanilla'], '5.2f')} "
-            f"{fmt(e['agree_dual'], '5.2f')}"
+        baseline = known[e["method"]].baseline if e["method"] in known else None
+        same = e.get(f"agree_{baseline}") if baseline else None
+        ratios = " ".join(
+            fmt(e.get(key), spec) + "x"
+            for key, spec in (
+                ("speedup_vs_same", "6.2f"),
+                ("decode_speedup_vs_same", "5.2f"),
+                ("step_speedup_vs_same", "6.2f"),
+            )
         )
+        print(
+            f"{e['model']:<10} {e['prompt_len']:>6} {e['concurrency']:>3} {e['method']:<13}"
+            f"{e['tokens_per_s']:>8.2f}{mark}{e['decode_tokens_per_s']:>8.2f} {ratios} "
+            f"{fmt(e['within_block_step_ms'], '8.1f')} "
+            f"{fmt(e['floor_ms'], '7.1f')} {fmt(e['over_floor'], '5.1f')} "
+            f"{e['first_forward_s']:>8.2f} {e['refresh_s']:>7.2f} {e['within_block_s']:>7.2f} "
+            f"{e['overhead_per_step_ms']:>6.1f} {fmt(same, '5.2f')}"
+        )  # fmt: skip
     print(
-        "~ extrapolated from one step per block; x dual* = with the per-step engine overhead "
-        "taken out (model time only); step ms = one within-block step's model time; "
-        "=van/=dual: share of output tokens equal to vanilla's / dual's"
+        "tok/s: aggregate end to end; decode: with the first forwards taken out; x same / dec x "
+        "/ step x: end-to-end, decode-only and within-block-step speedup over the dense method "
+        "with the same refresh policy (focus-block: dual; focus-prefill: dual-prefill); step "
+        "ms: one batched within-block step's model time; floor: its roofline floor (ms), x fl: "
+        "step / floor; first s: the first forwards; =same: share of tokens equal to that "
+        "baseline's; ~ extrapolated from one step per block"
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument(
-        "--prompt-lens", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384]
-    )
+    parser.add_argument("--prompt-lens", type=int, nargs="+", default=[4096, 8192, 16384])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--methods", nargs="+", default=[m.name for m in METHODS])
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--gen", type=int, default=256)
     parser.add_argument("--block", type=int, default=32)
     parser.add_argument("--steps", type=int, default=256)
-    parser.add_argument("--num-prompts", type=int, default=1)
     parser.add_argument(
         "--vanilla-max-len",
         type=int,
@@ -371,11 +543,18 @@ def main() -> None:
         help="longer prompts run vanilla one step per block and extrapolate",
     )
     parser.add_argument(
+        "--full-refresh-max",
+        type=int,
+        default=16384,
+        help="methods that recompute the prompt at every block start run only where "
+        "N x prompt <= this (time)",
+    )
+    parser.add_argument(
         "--max-prompt-len",
         nargs="*",
-        default=["dream-gqa7=8192"],
+        default=[],
         metavar="MODEL=N",
-        help="per-model cap on the prompt lengths (time budget); none: every model all lengths",
+        help="per-model cap on the prompt lengths (time budget)",
     )
     parser.add_argument("--out", default=str(RESULTS / "throughput.json"))
     parser.add_argument("--no-plots", action="store_true")
@@ -394,13 +573,18 @@ def main() -> None:
 
     from tqdm import tqdm
 
+    machine = measure_machine()
+    print(
+        f"machine: copy {machine['copy_gbps']:.1f} GB/s, float32 matmul "
+        f"{machine['matmul_gflops']:.0f} GFLOP/s ({machine['torch_threads']} threads)"
+    )
     runs = sum(len(lengths_of(name, args)) for name in args.models)
-    total = runs * args.num_prompts * len(args.methods)
+    total = runs * len(args.concurrency) * len(args.methods)
     started = time.time()
     models = []
     with tqdm(total=total, desc="throughput runs") as progress:
         for name in args.models:
-            models.append(bench_model(name, args, progress))
+            models.append(bench_model(name, args, machine, progress))
     rows = [row for model in models for row in model["rows"]]
     entries = table(rows)
     print_table(entries)
@@ -414,7 +598,7 @@ def main() -> None:
             else str(v)
         )
         for k, v in vars(args).items()
-        if k not in ("out", "no_plots")
+        if k not in ("out", "no_plots") and not (isinstance(v, dict) and not v)
     )
     result = {
         "command": command,
@@ -424,6 +608,7 @@ def main() -> None:
             "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(),
             "affinity": len(os.sched_getaffinity(0)),
+            **machine,
         },
         "settings": {"gen": args.gen, "block": args.block, "steps": args.steps},
         "models": [{k: v for k, v in m.items() if k != "rows"} for m in models],

@@ -45,18 +45,22 @@ def _span(block_table: torch.Tensor, req: int, positions: torch.Tensor, block_si
     )
 
 
-def _span_rows(cache: torch.Tensor, low: int, high: int) -> torch.Tensor:
-    """Blocks [low, high) as [rows, kv_heads, head_dim]: a view of vLLM's CPU cache, where a
-    block's rows follow one another."""
-    return cache[low:high].reshape((high - low) * cache.shape[1], *cache.shape[2:])
+def _span_rows(cache: torch.Tensor, low: int, high: int) -> torch.Tensor | None:
+    """Blocks [low, high) as [rows, kv_heads, head_dim]: a view of the cache where a block's
+    rows follow one another and the next block's follow them (vLLM's block-major layout);
+    None where they do not (CPU_ATTN's head-major layout): the caller gathers rows."""
+    blocks = cache[low:high]
+    if blocks.shape[0] > 1 and blocks.stride(0) != blocks.shape[1] * blocks.stride(1):
+        return None
+    return blocks.reshape((high - low) * cache.shape[1], *cache.shape[2:])
 
 
 def _rows_of(cache, block_table, req, positions, span) -> torch.Tensor:
     """The rows of `positions` in their order: a view when they are one run, else a copy."""
-    if span is None:
+    rows = None if span is None else _span_rows(cache, span[0], span[1])
+    if rows is None:
         return _gather(cache, block_table, req, positions)
-    low, high, row_of = span
-    rows = _span_rows(cache, low, high)
+    row_of = span[2]
     first = int(row_of[0])
     if torch.equal(row_of, torch.arange(first, first + row_of.numel(), device=row_of.device)):
         return rows[first : first + row_of.numel()]
@@ -77,9 +81,11 @@ def _attended_rows(key_cache, value_cache, block_table, req, positions, span):
     """(keys, values, position of each row or -1) over which to attend `positions`: for a
     dense-enough set, the whole compact span of the request's blocks in place (rows outside
     the set masked); otherwise copies of exactly the set's rows."""
-    if span is not None and 2 * positions.numel() >= (span[1] - span[0]) * key_cache.shape[1]:
-        low, high, row_of = span
-        keys, values = _span_rows(key_cache, low, high), _span_rows(value_cache, low, high)
+    dense = span is not None and 2 * positions.numel() >= (span[1] - span[0]) * key_cache.shape[1]
+    keys = _span_rows(key_cache, span[0], span[1]) if dense else None
+    values = _span_rows(value_cache, span[0], span[1]) if keys is not None else None
+    if keys is not None and values is not None:
+        row_of = span[2]
         owner = torch.full((keys.shape[0],), -1, dtype=torch.long, device=positions.device)
         owner[row_of] = positions
         return keys, values, owner
@@ -130,8 +136,10 @@ def paged_attention_cpu(
     scale: float,
     out: torch.Tensor | None = None,
     sink_prompt_lens: list[int] | None = None,
+    requests: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`sparse_paged_attention_ref`'s arguments and result, plus sink scores.
+    """`sparse_paged_attention_ref`'s arguments and result, plus sink scores; with `requests`,
+    only those requests' rows are computed (the others' rows of `out` are left as they are).
 
     With `sink_prompt_lens` (per request; 0 = not wanted), also returns [R, max prompt] float32:
     for each wanted request, the softmax mass its query tokens put on each prompt key, summed
@@ -145,7 +153,10 @@ def paged_attention_cpu(
         sinks = torch.full((len(sink_prompt_lens), width), float("-inf"), device=q.device)
         for req, prompt_len in enumerate(sink_prompt_lens):
             sinks[req, :prompt_len] = 0.0  # a request without queries puts no mass anywhere
-    for req in torch.unique(query_req).tolist():
+    present = torch.unique(query_req).tolist()
+    if requests is not None:
+        present = [r for r in present if r in set(requests)]
+    for req in present:
         tokens = torch.nonzero(query_req == req).flatten()
         positions = key_positions[cu_seqlens_k[req] : cu_seqlens_k[req + 1]].long()
         prompt_len = sink_prompt_lens[req] if sink_prompt_lens is not None else 0
@@ -204,3 +215,90 @@ def block_scores_from_means(q: torch.Tensor, means: torch.Tensor, scale: float) 
     num_kv_heads, head_dim = means.shape[1], means.shape[2]
     summed = q.float().sum(0).reshape(num_kv_heads, -1, head_dim).sum(1)  # [Hkv, D]
     return torch.einsum("bkd,kd->b", means, summed) * scale
+
+
+def tiled_attention_cpu(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    tiles,
+    query_start_loc_cpu: list[int],
+    scale: float,
+    out: torch.Tensor,
+    sink_prompt_lens: list[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`tiled_sparse_attention`'s result on the CPU, batched over the requests: every
+    request's key set (the tiles of its splits, `kernels.sparse_attention.KeyTiles`) becomes
+    one row of a padded position matrix, whose K/V rows are gathered in one index each, and
+    the attention is two batched matmuls per chunk of requests (padding masked).
+
+    With `sink_prompt_lens` (per request of the batch), also returns [R, max prompt] float32:
+    the softmax mass each request's query tokens put on each of its prompt keys, summed over
+    heads and queries (`paged_attention_cpu`'s sink scores; -inf past a prompt)."""
+    from vllm_focus.kernels.sparse_attention import TILE_N
+
+    spans: dict[int, list[int]] = {}
+    for req, low, high, _slot, _base in tiles.splits.tolist():
+        span = spans.setdefault(req, [low, high])
+        span[0], span[1] = min(span[0], low), max(span[1], high)
+    requests = list(spans)
+    lane = torch.arange(TILE_N)
+    table = tiles.tiles.long()
+    start, end, offset = table[:, :1], table[:, 1:2], table[:, 2:]
+    points = tiles.points.long()
+    pointed = points[(offset + lane).clamp(0, points.numel() - 1)]
+    positions = torch.where(offset >= 0, pointed, start + lane)  # [NT, TILE_N]
+    valid = (lane < end - start) & (positions >= 0)
+
+    firsts = torch.tensor([spans[r][0] for r in requests])
+    counts = torch.tensor([spans[r][1] - spans[r][0] for r in requests])
+    tile_of = firsts[:, None] + torch.arange(int(counts.max()))
+    tile_ok = tile_of < (firsts + counts)[:, None]
+    tile_of = torch.where(tile_ok, tile_of, 0)
+    num = len(requests)
+    keep = (valid[tile_of] & tile_ok[..., None]).reshape(num, -1)  # [R, K]
+    at = torch.where(keep, positions[tile_of].reshape(num, -1), 0)  # padding reads position 0
+
+    q_first = torch.tensor([query_start_loc_cpu[r] for r in requests])
+    q_count = torch.tensor([query_start_loc_cpu[r + 1] - query_start_loc_cpu[r] for r in requests])
+    lanes = torch.arange(int(q_count.max()))
+    q_ok = lanes < q_count[:, None]
+    q_rows = torch.where(q_ok, q_first[:, None] + lanes, q_first[:, None])  # [R, t]
+    q_rows = q_rows.clamp(max=max(q.shape[0] - 1, 0))
+
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads, block_size = key_cache.shape[2], key_cache.shape[1]
+    group = num_heads // num_kv_heads
+    width, queries = at.shape[1], q_rows.shape[1]
+    sinks = None
+    if sink_prompt_lens is not None:
+        lengths = torch.tensor(sink_prompt_lens)
+        sinks = torch.full((len(sink_prompt_lens), int(lengths.max())), float("-inf"))
+        sinks[torch.arange(sinks.shape[1]) < lengths[:, None]] = 0.0
+    chunk = max(1, MAX_SCORES // (num_heads * queries * width))
+    for low in range(0, num, chunk):
+        part = slice(low, low + chunk)
+        reqs = torch.tensor(requests[part])
+        pos = at[part]
+        physical = block_table[reqs[:, None], pos // block_size].long()
+        keys = key_cache[physical, pos % block_size].float()  # [r, K, Hkv, D]
+        values = value_cache[physical, pos % block_size].float()
+        r = pos.shape[0]
+        grouped = q[q_rows[part]].float().reshape(r, queries, num_kv_heads, group, head_dim)
+        grouped = grouped.permute(0, 2, 3, 1, 4).reshape(r, num_kv_heads, group * queries, -1)
+        scores = torch.matmul(grouped, keys.permute(0, 2, 3, 1)) * scale  # [r, Hkv, g*t, K]
+        scores.masked_fill_(~keep[part][:, None, None, :], float("-inf"))
+        probs = scores.softmax(-1)
+        mask = q_ok[part]
+        if sinks is not None:  # padded query rows repeat a real one: leave them out
+            real = mask[:, None, None, :].expand(r, num_kv_heads, group, queries)
+            mass = (probs * real.reshape(r, num_kv_heads, -1, 1)).sum((1, 2))  # [r, K]
+            prompt = lengths[reqs][:, None]
+            hit = keep[part] & (pos < prompt)
+            sinks[reqs[:, None].expand_as(pos)[hit], pos[hit]] = mass[hit]
+        attended = torch.matmul(probs, values.transpose(1, 2))  # [r, Hkv, g*t, D]
+        attended = attended.reshape(r, num_kv_heads, group, queries, head_dim)
+        attended = attended.permute(0, 3, 1, 2, 4).reshape(r, queries, num_heads, head_dim)
+        out[q_rows[part][mask]] = attended[mask].to(out.dtype)
+    return out, sinks

@@ -120,21 +120,21 @@ def test_unpruned_focus_over_the_whole_block_is_dense_dual(engine):
     assert _generate(llm, prompts, settings) == _reference(reference, prompts, dense, focus=False)
 
 
-def _worst_first(scores, count):
-    """A broken top-k: the lowest scores instead of the highest."""
+def _worst_first(scores):
+    """A broken ranking: the lowest scores first instead of the highest."""
     import torch
 
-    return torch.sort(scores, descending=False, stable=True).indices[:count]
+    return torch.sort(scores, dim=1, descending=False, stable=True).indices
 
 
 def _mutate(worker, name: str, restore: bool) -> None:
     """In the worker process: swap one piece of the engine's Focus selection for a broken one
     (or put the original back)."""
-    from vllm_focus.attention import backend
+    from vllm_focus.attention import selection
     from vllm_focus.engine import decoder
 
     if name == "kept blocks and sinks":
-        module, attribute, broken = backend, "top_indices", _worst_first
+        module, attribute, broken = selection, "rank", _worst_first
     else:  # the focus set F: the least confident masked positions
 
         def broken(indicator, *args, **kwargs):

@@ -29,10 +29,8 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
 )
 
-from vllm_focus.attention import triton_path
-from vllm_focus.attention.means import BlockMeansCache
+from vllm_focus.attention import selection, triton_path
 from vllm_focus.attention.triton_path import uses_triton_path
-from vllm_focus.policy import top_indices
 from vllm_focus.settings import FocusPlan
 
 NAME = "FOCUS"
@@ -163,6 +161,19 @@ class FocusAttentionBackend(AttentionBackend):
     def supports_non_causal(cls) -> bool:
         return True
 
+    @classmethod
+    def supported_kv_cache_layouts(cls):
+        """On a CPU (not forced onto the Triton path) the head-major layout CPU_ATTN's C++
+        kernels read (`kernels/cpu_native.py`); elsewhere any layout (strided views)."""
+        from vllm.platforms import current_platform
+        from vllm.v1.kv_cache_layout import KVCacheLayout
+
+        from vllm_focus.attention.triton_path import triton_path_forced
+
+        if current_platform.is_cpu() and not triton_path_forced():
+            return (KVCacheLayout.LBHNC,)
+        return None
+
 
 def focus_requested(vllm_config) -> bool:
     """`--attention-backend focus` (FOCUS is an alias of vLLM's CUSTOM slot holding ours)."""
@@ -227,27 +238,45 @@ class FocusAttentionImpl(AttentionImpl):
         self.num_kv_heads = num_kv_heads or num_heads
         self.kv_sharing_target_layer_name = None
         self._layer_index: int | None = None
-        # CPU path: each request's block means, per version of its prompt K/V.
-        from vllm_focus.kernels.cpu import prompt_block_means
+        # CPU path: CPU_ATTN's ISA where this cache uses its layout (False: not probed yet).
+        self._isa: str | None | bool = False
+        # Both paths: the batched selection, with its cache of block means.
+        self.selector = selection.SparseSelector()
 
-        self._block_means = BlockMeansCache(prompt_block_means)
-        # Triton path: the same cache on the device, and the selection built on it.
-        self.selector = triton_path.SparseSelector()
+    def _cpu_isa(self, kv_cache: torch.Tensor) -> str | None:
+        """CPU_ATTN's ISA when this layer's cache is in its layout (probed once), else None."""
+        if self._isa is False:
+            from vllm_focus.kernels.cpu_native import cache_isa
+
+            self._isa = cache_isa(kv_cache, self.head_size)
+        return self._isa
+
+    def _views(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, values) as [blocks, block_size, kv_heads, head_size] strided views."""
+        if not uses_triton_path(kv_cache.device) and self._cpu_isa(kv_cache):
+            from vllm_focus.kernels.cpu_native import native_views
+
+            return native_views(kv_cache, self.head_size)
+        return split_kv_cache(kv_cache, self.head_size)
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         """Write the K/V of the tokens whose slot is >= 0 (Focus leaves some unwritten): on the
-        Triton path without a host sync (`kernels.cache_write`), else its torch twin."""
-        keys, values = split_kv_cache(kv_cache, self.head_size)
+        Triton path without a host sync (`kernels.cache_write`); on a CPU in CPU_ATTN's layout
+        with its own write, else the torch twin."""
         count = slot_mapping.shape[0]
         key, value = key[:count], value[:count]
         if uses_triton_path(key.device):
             from vllm_focus.kernels.cache_write import write_kv
 
-            write_kv(key, value, keys, values, slot_mapping)
+            write_kv(key, value, *split_kv_cache(kv_cache, self.head_size), slot_mapping)
+        elif isa := self._cpu_isa(kv_cache):
+            from vllm_focus.kernels.cpu_native import write_kv_native
+
+            write_kv_native(key, value, kv_cache, slot_mapping, isa)
         else:
             from vllm_focus.kernels.reference import write_kv_ref
 
-            write_kv_ref(key, value, keys, values, slot_mapping)
+            write_kv_ref(key, value, *split_kv_cache(kv_cache, self.head_size), slot_mapping)
 
     def forward(
         self,
@@ -268,7 +297,7 @@ class FocusAttentionImpl(AttentionImpl):
         meta = attn_metadata
         count = meta.num_actual_tokens
         q = query[:count]
-        keys, values = split_kv_cache(kv_cache, self.head_size)
+        keys, values = self._views(kv_cache)
         index = self._index(layer)
         wanted = self._sink_requests(index, meta)
         if uses_triton_path(q.device):
@@ -276,20 +305,40 @@ class FocusAttentionImpl(AttentionImpl):
                 self, index, q, keys, values, meta, output[:count], wanted, _all_reduce
             )
             return output
-        key_positions, cu_k = self._key_sets(index, q, keys, meta)
-        args = (q, keys, values, meta.block_table, meta.query_req, key_positions, cu_k, self.scale)
-        # Per request, its prompt length where its sinks are found at this layer, else 0.
-        sink_lens = None
-        if wanted:
-            sink_lens = [n if r in wanted else 0 for r, n in enumerate(meta.focus.prompt_lens)]
-        # The CPU path reads the cache in place; at the sink layer the same pass sums the
-        # softmax mass per prompt key (this layer attends every key: it is dense).
+        # Per request: every key (CPU_ATTN's C++ kernel where the cache is in its layout, else
+        # the torch path), every key with the sink scores (this is its last dense layer), or
+        # the pruned key set of a sparse layer (batched over the sparse requests).
+        out = output[:count]
+        sparse = self._sparse_requests(index, meta)
+        dense = [r for r in range(len(meta.seq_lens_cpu)) if r not in sparse and r not in wanted]
+        if dense:
+            if isa := self._cpu_isa(kv_cache):
+                self._dense_native(q, kv_cache, meta, dense, out, isa)
+            else:
+                self._every_key(q, keys, values, meta, out, dense)
+        from vllm_focus.kernels.cpu import tiled_attention_cpu
+
+        args = (q, keys, values, meta.block_table)
+        if wanted:  # every key, as whole-sequence tiles, and the mass per prompt key
+            tiles, lengths = selection.whole_sequences(meta, wanted, q.device)
+            _, scores = tiled_attention_cpu(
+                *args, tiles, meta.query_start_loc_cpu, self.scale, out, lengths
+            )
+            selection.keep_sinks(meta.focus, wanted, _all_reduce(scores))
+        if sparse:
+            tiles = self.selector.key_tiles(q, keys, self.scale, meta, sparse, _all_reduce)
+            tiled_attention_cpu(*args, tiles, meta.query_start_loc_cpu, self.scale, out)
+        return output
+
+    def _every_key(self, q, keys, values, meta, out, requests) -> None:
+        """The torch path's attention of `requests` over every key (`kernels.cpu`)."""
         from vllm_focus.kernels.cpu import paged_attention_cpu
 
-        _, scores = paged_attention_cpu(*args, out=output[:count], sink_prompt_lens=sink_lens)
-        if wanted:
-            self._keep_sinks(wanted, meta.focus, _all_reduce(scores))
-        return output
+        key_positions, cu_k = meta.dense_keys()
+        paged_attention_cpu(
+            q, keys, values, meta.block_table, meta.query_req, key_positions, cu_k, self.scale,
+            out=out, requests=requests,
+        )  # fmt: skip
 
     def _index(self, layer) -> int:
         if self._layer_index is None:
@@ -298,64 +347,49 @@ class FocusAttentionImpl(AttentionImpl):
             self._layer_index = extract_layer_index(layer.layer_name)
         return self._layer_index
 
-    def _key_sets(self, index, q, keys, meta: FocusMetadata):
-        """Per request, the key positions this layer attends (ragged)."""
-        batch = meta.focus
-        sparse = []
-        if batch is not None:
-            sparse = [
-                r
-                for r, plan in enumerate(batch.plans)
-                if plan is not None and index >= plan.dense_layers
-            ]
-        if not sparse:
-            return meta.dense_keys()
-        kept = self._kept_prompt(sparse, q, keys, meta)
-        device = q.device
-        parts = []
-        for r, seq_len in enumerate(meta.seq_lens_cpu):
-            if r not in kept:
-                parts.append(torch.arange(seq_len, device=device))
-                continue
-            prompt_len = batch.prompt_lens[r]
-            response = torch.arange(prompt_len, seq_len, device=device)
-            sinks = batch.sinks[r]
-            if sinks is None:
-                sinks = torch.empty(0, dtype=torch.long, device=device)
-            parts.append(torch.unique(torch.cat([kept[r], sinks, response])))
-            batch.sparse_prompt_keys[r] += parts[-1].numel() - response.numel()
-        lengths = [p.numel() for p in parts]
-        return torch.cat(parts).to(torch.int32), _cumulative(lengths, device)
+    def _dense_native(self, q, kv_cache, meta: FocusMetadata, dense, out, isa) -> None:
+        """Attention of the `dense` requests over every key, by CPU_ATTN's C++ kernel; its
+        schedule (and the sub-batch's rows) built once per forward, shared by the layers."""
+        from vllm_focus.kernels.cpu_native import dense_attention_native, dense_metadata
 
-    def _kept_prompt(self, sparse, q, keys, meta: FocusMetadata):
-        """Prompt positions of the top blocks of each sparse request, by F's block scores."""
-        batch = meta.focus
-        scores = self._scores_from_means(sparse, q, keys, meta)
-        kept: dict[int, torch.Tensor] = {}
-        for r in sparse:
-            prompt_len, plan = batch.prompt_lens[r], batch.plans[r]
-            size = plan.prompt_block_size
-            blocks = top_indices(
-                scores[r][: plan.prompt_blocks(prompt_len)], plan.kept_blocks(prompt_len)
+        key = ("native", tuple(dense))
+        batch = meta.step_cache.get(key)
+        if batch is None:
+            if len(dense) == len(meta.seq_lens_cpu):
+                rows, starts = None, meta.query_start_loc
+                seq_lens, table = meta.seq_lens, meta.block_table
+            else:
+                bounds = meta.query_start_loc_cpu
+                rows = torch.cat([torch.arange(bounds[r], bounds[r + 1]) for r in dense])
+                rows = rows.to(q.device)
+                counts = [bounds[r + 1] - bounds[r] for r in dense]
+                starts = _cumulative(counts, q.device)
+                picked = torch.tensor(dense, device=q.device)
+                seq_lens, table = meta.seq_lens[picked], meta.block_table[picked]
+            schedule = dense_metadata(
+                self.num_heads, self.num_kv_heads, self.head_size, q.dtype, starts, seq_lens, isa
             )
-            offsets = torch.arange(size, device=q.device)
-            positions = (blocks[:, None] * size + offsets[None, :]).flatten()
-            kept[r] = positions[positions < prompt_len]
-        return kept
+            meta.step_cache[key] = batch = (rows, starts, seq_lens, table, schedule)
+        rows, starts, seq_lens, table, schedule = batch
+        if rows is None:
+            dense_attention_native(q, kv_cache, out, starts, seq_lens, table, self.scale, schedule)
+            return
+        result = torch.empty((rows.numel(), *q.shape[1:]), dtype=out.dtype, device=out.device)
+        dense_attention_native(
+            q[rows], kv_cache, result, starts, seq_lens, table, self.scale, schedule
+        )
+        out[rows] = result
 
-    def _scores_from_means(self, sparse, q, keys, meta) -> dict:
-        """Block scores from each request's block means, computed once per version of its
-        prompt K/V (a within-block step leaves the prompt's K/V as they are), all-reduced."""
-        from vllm_focus.kernels.cpu import block_scores_from_means
-
-        batch = meta.focus
-        self._block_means.forget_finished(batch)
-        scores = {}
-        for r in sparse:
-            means = self._block_means.get(keys, meta, r)
-            rows = batch.focus_rows[batch.focus_req == r]
-            scores[r] = _all_reduce(block_scores_from_means(q[rows], means, self.scale))
-        return scores
+    @staticmethod
+    def _sparse_requests(index: int, meta: FocusMetadata) -> list[int]:
+        """The requests that attend a pruned key set at this layer."""
+        if meta.focus is None:
+            return []
+        return [
+            r
+            for r, plan in enumerate(meta.focus.plans)
+            if plan is not None and index >= plan.dense_layers
+        ]
 
     @staticmethod
     def _sink_requests(index: int, meta: FocusMetadata) -> list[int]:
@@ -367,11 +401,3 @@ class FocusAttentionImpl(AttentionImpl):
             for r, plan in enumerate(meta.focus.plans)
             if plan is not None and index == plan.dense_layers - 1
         ]
-
-    @staticmethod
-    def _keep_sinks(wanted: list[int], batch: FocusBatch, scores: torch.Tensor) -> None:
-        """Each wanted request's top `num_sinks` prompt keys, for the deeper layers."""
-        for r in wanted:
-            batch.sinks[r] = top_indices(
-                scores[r, : batch.prompt_lens[r]], batch.plans[r].num_sinks
-            )

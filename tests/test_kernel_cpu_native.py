@@ -1,0 +1,141 @@
+"""The FOCUS backend's CPU kernels that the engine takes on this machine: vLLM's C++ CPU
+attention on a cache in CPU_ATTN's layout (written by its own cache write), read back through
+the strided views the rest of the CPU path uses, and the batched attention over tiled key sets
+(`tiled_attention_cpu`) — each against the torch twins."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.test_kernel_sparse_attention import KEY_SETS, NUM_QUERIES, SEQ_LENS, _query_start
+from vllm_focus.kernels import cpu
+from vllm_focus.kernels.reference import (
+    sparse_paged_attention_ref,
+    tiled_sparse_attention_ref,
+)
+from vllm_focus.testing.paged import HEAD_DIM, paged_case, rel_rms
+
+LAYOUTS = [(4, 4), (7, 1), (6, 2)]
+
+
+@pytest.mark.parametrize("num_heads, num_kv_heads", LAYOUTS)
+@pytest.mark.parametrize("key_set", list(KEY_SETS))
+def test_batched_tiles_match_twin(num_heads, num_kv_heads, key_set):
+    """Ranges cut mid-tile, point lists with skipped entries, several splits per request, a
+    request with no key set left untouched (NaN rows stay NaN)."""
+    from vllm_focus.kernels.sparse_attention import key_tiles
+
+    case = paged_case(SEQ_LENS, NUM_QUERIES, num_heads, num_kv_heads, 1.0, seed=num_heads)
+    starts = _query_start(NUM_QUERIES)
+    keys = key_tiles(KEY_SETS[key_set], starts, "cpu")
+    args = (case["q"], case["key_cache"], case["value_cache"], case["block_table"])
+    scale = HEAD_DIM**-0.5
+    got, _ = cpu.tiled_attention_cpu(
+        *args, keys, starts, scale, torch.full_like(case["q"], float("nan"))
+    )
+    query_start = torch.tensor(starts, dtype=torch.int32)
+    want = tiled_sparse_attention_ref(
+        *args, query_start, keys, scale, torch.full_like(case["q"], float("nan"))
+    )
+    assert torch.equal(got.isnan(), want.isnan())
+    assert not got[keys.rows].isnan().any()
+    assert rel_rms(got[keys.rows], want[keys.rows]) < 1e-5
+
+
+def _native_cache(case, num_kv_heads, block_size, isa):
+    """The case's K/V written through CPU_ATTN's own cache write into a cache of its layout."""
+    from vllm_focus.kernels.cpu_native import native_views, write_kv_native
+
+    blocks = case["key_cache"].shape[0]
+    kv = torch.full((blocks, num_kv_heads, block_size, 2 * HEAD_DIM), float("nan"))
+    slots = torch.arange(blocks * block_size)
+    rows = case["key_cache"].reshape(-1, num_kv_heads, HEAD_DIM)
+    write_kv_native(rows, case["value_cache"].reshape_as(rows), kv, slots, isa)
+    return kv, native_views(kv, HEAD_DIM)
+
+
+@pytest.mark.parametrize("num_heads, num_kv_heads", LAYOUTS)
+def test_native_layout_and_dense_kernel_match_twin(num_heads, num_kv_heads):
+    """The probe finds the layout; the views read back exactly what was written; vLLM's C++
+    kernel's bidirectional attention equals the twin's; a slot of -1 is not written."""
+    from vllm_focus.kernels.cpu_native import (
+        cache_isa,
+        dense_attention_native,
+        dense_metadata,
+        write_kv_native,
+    )
+    from vllm_focus.testing.paged import BLOCK_SIZE
+
+    seq_lens, queries = [63, 700, 15], [3, 40, 15]
+    case = paged_case(seq_lens, queries, num_heads, num_kv_heads, 1.0, seed=7)
+    probe = torch.zeros(2, num_kv_heads, BLOCK_SIZE, 2 * HEAD_DIM)
+    isa = cache_isa(probe, HEAD_DIM)
+    assert isa is not None, "CPU_ATTN's layout was not recognised on this machine"
+    kv, (keys, values) = _native_cache(case, num_kv_heads, BLOCK_SIZE, isa)
+    assert torch.equal(keys, case["key_cache"]) and torch.equal(values, case["value_cache"])
+
+    starts = torch.tensor(_query_start(queries), dtype=torch.int32)
+    seq = torch.tensor(seq_lens, dtype=torch.int32)
+    scale = HEAD_DIM**-0.5
+    schedule = dense_metadata(num_heads, num_kv_heads, HEAD_DIM, torch.float32, starts, seq, isa)
+    got = torch.empty_like(case["q"])
+    dense_attention_native(case["q"], kv, got, starts, seq, case["block_table"], scale, schedule)
+    want = sparse_paged_attention_ref(
+        case["q"], keys, values, case["block_table"], case["query_req"],
+        case["key_positions"], case["cu_seqlens_k"], scale,
+    )  # fmt: skip
+    assert rel_rms(got, want) < 1e-5
+
+    before = kv.clone()
+    ones = torch.ones(2, num_kv_heads, HEAD_DIM)
+    write_kv_native(ones, ones, kv, torch.tensor([-1, 5]), isa)
+    changed = (kv != before) & ~(kv.isnan() & before.isnan())
+    assert torch.equal(keys[0, 5], ones[1]) and torch.equal(values[0, 5], ones[1])
+    assert int(changed.sum()) <= 2 * num_kv_heads * HEAD_DIM  # only slot 5's K and V
+
+
+def test_head_major_cache_is_read_row_by_row():
+    """In CPU_ATTN's layout a range of blocks is not one strided run of rows: the CPU path's
+    readers gather rows instead of viewing a span (and get the same rows)."""
+    from vllm_focus.kernels.cpu_native import native_views
+
+    kv = torch.randn(6, 2, 16, 2 * HEAD_DIM)
+    keys, _ = native_views(kv, HEAD_DIM)
+    table = torch.tensor([[2, 3, 4]], dtype=torch.int32)
+    positions = torch.arange(40)
+    got = cpu.request_keys(keys, table, 0, positions)
+    want = keys[table[0, positions // 16].long(), positions % 16]
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("num_heads, num_kv_heads", LAYOUTS)
+def test_batched_sink_scores_match_twin(num_heads, num_kv_heads):
+    """At a sink layer: whole-sequence tiles, the mass per prompt key of the wanted requests
+    only (request 1 does not ask), padded query rows not counted (the requests' query counts
+    differ)."""
+    from vllm_focus.kernels.reference import sink_scores_ref
+    from vllm_focus.kernels.sparse_attention import key_tiles
+
+    seq_lens, num_queries, prompt_lens = [63, 200, 15], [3, 1, 15], [40, 199, 1]
+    case = paged_case(seq_lens, num_queries, num_heads, num_kv_heads, 1.0, seed=11)
+    scale = HEAD_DIM**-0.5
+    wanted = [40, 0, 1]
+    starts = _query_start(num_queries)
+    tiles = key_tiles(
+        [(r, [(0, n)], None) for r, n in enumerate(seq_lens) if wanted[r]], starts, "cpu"
+    )
+    args = (case["q"], case["key_cache"], case["value_cache"], case["block_table"])
+    _, got = cpu.tiled_attention_cpu(
+        *args, tiles, starts, scale, torch.empty_like(case["q"]), wanted
+    )
+    want = sink_scores_ref(
+        case["q"], torch.tensor(starts, dtype=torch.int32), case["key_cache"],
+        case["block_table"], torch.tensor(seq_lens, dtype=torch.int32),
+        torch.tensor(prompt_lens, dtype=torch.int32), scale,
+    )  # fmt: skip
+    assert got.shape == (3, 40)
+    for r, length in enumerate(wanted):
+        assert torch.isinf(got[r, length:]).all()
+        if length:
+            assert rel_rms(got[r, :length], want[r, :length]) < 1e-5
