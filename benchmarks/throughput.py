@@ -529,9 +529,14 @@ def print_table(entries: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--prompt-lens", type=int, nargs="+", default=[4096, 8192, 16384])
+    parser.add_argument("--prompt-lens", type=int, nargs="+", default=[4096, 8192])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--methods", nargs="+", default=[m.name for m in METHODS])
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["dual", "dual-prefill", "focus-block", "focus-prefill"],
+        help=f"of {[m.name for m in METHODS]} (vanilla and prefix: add them by name)",
+    )
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--gen", type=int, default=256)
     parser.add_argument("--block", type=int, default=32)
@@ -545,16 +550,16 @@ def main() -> None:
     parser.add_argument(
         "--full-refresh-max",
         type=int,
-        default=16384,
+        default=8192,
         help="methods that recompute the prompt at every block start run only where "
         "N x prompt <= this (time)",
     )
     parser.add_argument(
         "--max-prompt-len",
         nargs="*",
-        default=[],
+        default=["dream-gqa7=4096"],
         metavar="MODEL=N",
-        help="per-model cap on the prompt lengths (time budget)",
+        help="per-model cap on the prompt lengths (time budget); none: every model all lengths",
     )
     parser.add_argument("--out", default=str(RESULTS / "throughput.json"))
     parser.add_argument("--no-plots", action="store_true")

@@ -228,10 +228,16 @@ def tiled_attention_cpu(
     out: torch.Tensor,
     sink_prompt_lens: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`tiled_sparse_attention`'s result on the CPU, batched over the requests: every
-    request's key set (the tiles of its splits, `kernels.sparse_attention.KeyTiles`) becomes
-    one row of a padded position matrix, whose K/V rows are gathered in one index each, and
-    the attention is two batched matmuls per chunk of requests (padding masked).
+    """`tiled_sparse_attention`'s result on the CPU.
+
+    A request's key set (the tiles of its splits, `kernels.sparse_attention.KeyTiles`) is read
+    as whole cache blocks for its ranges (kept prompt blocks, the response), positions outside
+    the ranges masked, plus rows for its point tiles (the sinks). In CPU_ATTN's layout a cache
+    block holds, per KV head, K as one [head_dim, block_size] run and V as one [block_size,
+    head_dim] run, so gathering blocks copies whole runs; requests are taken one at a time so
+    that what one gathers stays in the CPU's caches while it is attended (measured here: 4x
+    faster than gathering rows for all requests at once). Where the ranges and points need
+    vectors per tile, they are built for all requests at once.
 
     With `sink_prompt_lens` (per request of the batch), also returns [R, max prompt] float32:
     the softmax mass each request's query tokens put on each of its prompt keys, summed over
@@ -243,62 +249,102 @@ def tiled_attention_cpu(
         span = spans.setdefault(req, [low, high])
         span[0], span[1] = min(span[0], low), max(span[1], high)
     requests = list(spans)
-    lane = torch.arange(TILE_N)
+    block_size = key_cache.shape[1]
     table = tiles.tiles.long()
     start, end, offset = table[:, :1], table[:, 1:2], table[:, 2:]
+    is_range = offset < 0
+    # Range tiles: the cache blocks each covers, and which of their positions are in range.
+    cover = -(-TILE_N // block_size) + 1
+    logical = start // block_size + torch.arange(cover)  # [NT, cover]
+    at = logical[..., None] * block_size + torch.arange(block_size)  # [NT, cover, bs]
+    in_range = (at >= start[..., None]) & (at < end[..., None]) & is_range[..., None]
+    # Point tiles: their positions (-1 where none).
+    lane = torch.arange(TILE_N)
     points = tiles.points.long()
     pointed = points[(offset + lane).clamp(0, points.numel() - 1)]
-    positions = torch.where(offset >= 0, pointed, start + lane)  # [NT, TILE_N]
-    valid = (lane < end - start) & (positions >= 0)
+    pointed = torch.where(~is_range & (lane < end - start), pointed, -1)  # [NT, TILE_N]
 
-    firsts = torch.tensor([spans[r][0] for r in requests])
-    counts = torch.tensor([spans[r][1] - spans[r][0] for r in requests])
-    tile_of = firsts[:, None] + torch.arange(int(counts.max()))
-    tile_ok = tile_of < (firsts + counts)[:, None]
-    tile_of = torch.where(tile_ok, tile_of, 0)
-    num = len(requests)
-    keep = (valid[tile_of] & tile_ok[..., None]).reshape(num, -1)  # [R, K]
-    at = torch.where(keep, positions[tile_of].reshape(num, -1), 0)  # padding reads position 0
-
-    q_first = torch.tensor([query_start_loc_cpu[r] for r in requests])
-    q_count = torch.tensor([query_start_loc_cpu[r + 1] - query_start_loc_cpu[r] for r in requests])
-    lanes = torch.arange(int(q_count.max()))
-    q_ok = lanes < q_count[:, None]
-    q_rows = torch.where(q_ok, q_first[:, None] + lanes, q_first[:, None])  # [R, t]
-    q_rows = q_rows.clamp(max=max(q.shape[0] - 1, 0))
-
-    num_heads, head_dim = q.shape[1], q.shape[2]
-    num_kv_heads, block_size = key_cache.shape[2], key_cache.shape[1]
-    group = num_heads // num_kv_heads
-    width, queries = at.shape[1], q_rows.shape[1]
     sinks = None
     if sink_prompt_lens is not None:
         lengths = torch.tensor(sink_prompt_lens)
         sinks = torch.full((len(sink_prompt_lens), int(lengths.max())), float("-inf"))
         sinks[torch.arange(sinks.shape[1]) < lengths[:, None]] = 0.0
-    chunk = max(1, MAX_SCORES // (num_heads * queries * width))
-    for low in range(0, num, chunk):
-        part = slice(low, low + chunk)
-        reqs = torch.tensor(requests[part])
-        pos = at[part]
-        physical = block_table[reqs[:, None], pos // block_size].long()
-        keys = key_cache[physical, pos % block_size].float()  # [r, K, Hkv, D]
-        values = value_cache[physical, pos % block_size].float()
-        r = pos.shape[0]
-        grouped = q[q_rows[part]].float().reshape(r, queries, num_kv_heads, group, head_dim)
-        grouped = grouped.permute(0, 2, 3, 1, 4).reshape(r, num_kv_heads, group * queries, -1)
-        scores = torch.matmul(grouped, keys.permute(0, 2, 3, 1)) * scale  # [r, Hkv, g*t, K]
-        scores.masked_fill_(~keep[part][:, None, None, :], float("-inf"))
-        probs = scores.softmax(-1)
-        mask = q_ok[part]
-        if sinks is not None:  # padded query rows repeat a real one: leave them out
-            real = mask[:, None, None, :].expand(r, num_kv_heads, group, queries)
-            mass = (probs * real.reshape(r, num_kv_heads, -1, 1)).sum((1, 2))  # [r, K]
-            prompt = lengths[reqs][:, None]
-            hit = keep[part] & (pos < prompt)
-            sinks[reqs[:, None].expand_as(pos)[hit], pos[hit]] = mass[hit]
-        attended = torch.matmul(probs, values.transpose(1, 2))  # [r, Hkv, g*t, D]
-        attended = attended.reshape(r, num_kv_heads, group, queries, head_dim)
-        attended = attended.permute(0, 3, 1, 2, 4).reshape(r, queries, num_heads, head_dim)
-        out[q_rows[part][mask]] = attended[mask].to(out.dtype)
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = key_cache.shape[2]
+    group = num_heads // num_kv_heads
+    # [blocks, kv_heads, head_dim, block_size] and [blocks, kv_heads, block_size, head_dim]:
+    # in CPU_ATTN's layout each (block, head) of these is one run of memory.
+    key_runs, value_runs = key_cache.permute(0, 2, 3, 1), value_cache.permute(0, 2, 1, 3)
+    for req in requests:
+        first, stop = spans[req]
+        used = in_range[first:stop].any(-1)  # [tiles, cover]
+        blocks = logical[first:stop][used]
+        mask = in_range[first:stop][used].flatten()  # [blocks x bs]
+        positions = at[first:stop][used].flatten()
+        physical = block_table[req, blocks].long()
+        count = blocks.numel()
+        keys = key_runs.index_select(0, physical).float()  # [n, Hkv, D, bs]
+        keys = keys.permute(1, 2, 0, 3).reshape(num_kv_heads, head_dim, count * block_size)
+        values = value_runs.index_select(0, physical).float()  # [n, Hkv, bs, D]
+        values = values.permute(1, 0, 2, 3).reshape(num_kv_heads, count * block_size, head_dim)
+        extra = pointed[first:stop].flatten()
+        extra = extra[extra >= 0]
+        if extra.numel():
+            cache_block = block_table[req, extra // block_size].long()
+            rows = extra % block_size
+            keys = torch.cat([keys, key_cache[cache_block, rows].float().permute(1, 2, 0)], 2)
+            values = torch.cat([values, value_cache[cache_block, rows].float().transpose(0, 1)], 1)
+            mask = torch.cat([mask, torch.ones(extra.numel(), dtype=torch.bool)])
+            positions = torch.cat([positions, extra])
+        low, high = query_start_loc_cpu[req], query_start_loc_cpu[req + 1]
+        t = high - low
+        grouped = q[low:high].float().reshape(t, num_kv_heads, group, head_dim)
+        grouped = grouped.permute(1, 2, 0, 3).reshape(num_kv_heads, group * t, head_dim)
+        scores = torch.matmul(grouped, keys) * scale  # [Hkv, g*t, K]
+        probs = scores.masked_fill_(~mask, float("-inf")).softmax(-1)
+        if sinks is not None:
+            hit = mask & (positions < sink_prompt_lens[req])
+            sinks[req, positions[hit]] = probs.sum((0, 1))[hit]
+        attended = torch.matmul(probs, values).reshape(num_kv_heads, group, t, head_dim)
+        out[low:high] = attended.permute(2, 0, 1, 3).reshape(t, num_heads, head_dim).to(out.dtype)
     return out, sinks
+
+
+def sink_mass_cpu(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    query_start_loc_cpu: list[int],
+    seq_lens_cpu: list[int],
+    sink_prompt_lens: list[int],
+    scale: float,
+    chunk_blocks: int = 64,
+) -> torch.Tensor:
+    """[R, max prompt] float32: for each request with a prompt length in `sink_prompt_lens`
+    (0: not wanted), the softmax mass its query tokens put on each prompt key over every key
+    of its sequence, summed over heads and queries; -inf elsewhere (the sink scores of
+    `paged_attention_cpu`). Reads K only (the layer's output comes from the dense kernel), a
+    chunk of whole cache blocks at a time so that each chunk stays in the CPU's caches."""
+    lengths = torch.tensor(sink_prompt_lens)
+    sinks = torch.full((len(sink_prompt_lens), int(lengths.max())), float("-inf"))
+    sinks[torch.arange(sinks.shape[1]) < lengths[:, None]] = 0.0
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads, block_size = key_cache.shape[2], key_cache.shape[1]
+    group = num_heads // num_kv_heads
+    key_runs = key_cache.permute(0, 2, 3, 1)  # [blocks, Hkv, D, bs]: runs in CPU_ATTN's layout
+    for req, prompt_len in enumerate(sink_prompt_lens):
+        low, high = query_start_loc_cpu[req], query_start_loc_cpu[req + 1]
+        if not prompt_len or high == low:
+            continue
+        t, seq_len = high - low, seq_lens_cpu[req]
+        grouped = q[low:high].float().reshape(t, num_kv_heads, group, head_dim)
+        grouped = grouped.permute(1, 2, 0, 3).reshape(num_kv_heads, group * t, head_dim)
+        physical = block_table[req, : -(-seq_len // block_size)].long()
+        parts = []
+        for part in physical.split(chunk_blocks):
+            keys = key_runs.index_select(0, part).float()  # [c, Hkv, D, bs]
+            keys = keys.permute(1, 2, 0, 3).reshape(num_kv_heads, head_dim, -1)
+            parts.append(torch.matmul(grouped, keys))
+        scores = torch.cat(parts, -1)[..., :seq_len] * scale
+        sinks[req, :prompt_len] = scores.softmax(-1).sum((0, 1))[:prompt_len]
+    return sinks

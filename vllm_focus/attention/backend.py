@@ -308,16 +308,27 @@ class FocusAttentionImpl(AttentionImpl):
         # Per request: every key (CPU_ATTN's C++ kernel where the cache is in its layout, else
         # the torch path), every key with the sink scores (this is its last dense layer), or
         # the pruned key set of a sparse layer (batched over the sparse requests).
+        from vllm_focus.kernels.cpu import sink_mass_cpu, tiled_attention_cpu
+
         out = output[:count]
         sparse = self._sparse_requests(index, meta)
-        dense = [r for r in range(len(meta.seq_lens_cpu)) if r not in sparse and r not in wanted]
-        if dense:
-            if isa := self._cpu_isa(kv_cache):
+        isa = self._cpu_isa(kv_cache)
+        if isa:  # the sink layer's output by the dense kernel too, its mass from K alone
+            dense = [r for r in range(len(meta.seq_lens_cpu)) if r not in sparse]
+            if dense:
                 self._dense_native(q, kv_cache, meta, dense, out, isa)
-            else:
+            if wanted:
+                _, lengths = selection.whole_sequences(meta, wanted, q.device)
+                scores = sink_mass_cpu(
+                    q, keys, meta.block_table, meta.query_start_loc_cpu, meta.seq_lens_cpu,
+                    lengths, self.scale,
+                )  # fmt: skip
+                selection.keep_sinks(meta.focus, wanted, _all_reduce(scores))
+                wanted = []
+        else:
+            dense = [r for r in range(len(meta.seq_lens_cpu)) if r not in sparse + wanted]
+            if dense:
                 self._every_key(q, keys, values, meta, out, dense)
-        from vllm_focus.kernels.cpu import tiled_attention_cpu
-
         args = (q, keys, values, meta.block_table)
         if wanted:  # every key, as whole-sequence tiles, and the mass per prompt key
             tiles, lengths = selection.whole_sequences(meta, wanted, q.device)
