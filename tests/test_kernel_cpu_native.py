@@ -110,10 +110,12 @@ def test_head_major_cache_is_read_row_by_row():
 
 
 @pytest.mark.parametrize("num_heads, num_kv_heads", LAYOUTS)
-def test_batched_sink_scores_match_twin(num_heads, num_kv_heads):
-    """At a sink layer: whole-sequence tiles, the mass per prompt key of the wanted requests
-    only (request 1 does not ask), padded query rows not counted (the requests' query counts
-    differ)."""
+@pytest.mark.parametrize("source", ["tiled pass", "keys alone"])
+def test_sink_scores_match_twin(num_heads, num_kv_heads, source):
+    """At a sink layer, the mass per prompt key of the wanted requests only (request 1 does not
+    ask), the requests' query counts different (padding not counted): from the batched tiled
+    pass over whole sequences (the fallback layout), or from K alone in chunks of whole blocks
+    (CPU_ATTN's layout; a chunk smaller than a request's blocks, to cross chunk edges)."""
     from vllm_focus.kernels.reference import sink_scores_ref
     from vllm_focus.kernels.sparse_attention import key_tiles
 
@@ -122,40 +124,18 @@ def test_batched_sink_scores_match_twin(num_heads, num_kv_heads):
     scale = HEAD_DIM**-0.5
     wanted = [40, 0, 1]
     starts = _query_start(num_queries)
-    tiles = key_tiles(
-        [(r, [(0, n)], None) for r, n in enumerate(seq_lens) if wanted[r]], starts, "cpu"
-    )
-    args = (case["q"], case["key_cache"], case["value_cache"], case["block_table"])
-    _, got = cpu.tiled_attention_cpu(
-        *args, tiles, starts, scale, torch.empty_like(case["q"]), wanted
-    )
-    want = sink_scores_ref(
-        case["q"], torch.tensor(starts, dtype=torch.int32), case["key_cache"],
-        case["block_table"], torch.tensor(seq_lens, dtype=torch.int32),
-        torch.tensor(prompt_lens, dtype=torch.int32), scale,
-    )  # fmt: skip
-    assert got.shape == (3, 40)
-    for r, length in enumerate(wanted):
-        assert torch.isinf(got[r, length:]).all()
-        if length:
-            assert rel_rms(got[r, :length], want[r, :length]) < 1e-5
-
-
-@pytest.mark.parametrize("num_heads, num_kv_heads", LAYOUTS)
-def test_sink_mass_from_keys_alone_matches_twin(num_heads, num_kv_heads):
-    """The sink layer on CPU_ATTN's layout: the mass per prompt key read from K in chunks of
-    whole blocks (a chunk smaller than a request's blocks, to cross chunk edges)."""
-    from vllm_focus.kernels.reference import sink_scores_ref
-
-    seq_lens, num_queries, prompt_lens = [63, 200, 15], [3, 1, 15], [40, 199, 1]
-    case = paged_case(seq_lens, num_queries, num_heads, num_kv_heads, 1.0, seed=11)
-    scale = HEAD_DIM**-0.5
-    wanted = [40, 0, 1]
-    starts = _query_start(num_queries)
-    got = cpu.sink_mass_cpu(
-        case["q"], case["key_cache"], case["block_table"], starts, seq_lens, wanted, scale,
-        chunk_blocks=3,
-    )  # fmt: skip
+    if source == "tiled pass":
+        ranges = [(r, [(0, n)], None) for r, n in enumerate(seq_lens) if wanted[r]]
+        args = (case["q"], case["key_cache"], case["value_cache"], case["block_table"])
+        _, got = cpu.tiled_attention_cpu(
+            *args, key_tiles(ranges, starts, "cpu"), starts, scale,
+            torch.empty_like(case["q"]), wanted,
+        )  # fmt: skip
+    else:
+        got = cpu.sink_mass_cpu(
+            case["q"], case["key_cache"], case["block_table"], starts, seq_lens, wanted, scale,
+            chunk_blocks=3,
+        )  # fmt: skip
     want = sink_scores_ref(
         case["q"], torch.tensor(starts, dtype=torch.int32), case["key_cache"],
         case["block_table"], torch.tensor(seq_lens, dtype=torch.int32),
