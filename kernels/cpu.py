@@ -261,6 +261,8 @@ def tiled_attention_cpu(
     # Point tiles: their positions (-1 where none).
     lane = torch.arange(TILE_N)
     points = tiles.points.long()
+    if points.numel() == 0:  # no point tiles then; index a placeholder
+        points = torch.full((1,), -1, dtype=torch.long)
     pointed = points[(offset + lane).clamp(0, points.numel() - 1)]
     pointed = torch.where(~is_range & (lane < end - start), pointed, -1)  # [NT, TILE_N]
 

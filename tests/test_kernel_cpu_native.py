@@ -146,3 +146,21 @@ def test_sink_scores_match_twin(num_heads, num_kv_heads, source):
         assert torch.isinf(got[r, length:]).all()
         if length:
             assert rel_rms(got[r, :length], want[r, :length]) < 1e-5
+
+
+def test_no_point_tiles_and_no_points():
+    """`num_sinks` 0: the selection hands over an empty point list and no point tiles; the
+    batched path attends the ranges alone (an engine once died here)."""
+    import dataclasses
+
+    from vllm_focus.kernels.sparse_attention import key_tiles
+
+    case = paged_case(SEQ_LENS, NUM_QUERIES, 4, 4, 1.0, seed=3)
+    starts = _query_start(NUM_QUERIES)
+    keys = key_tiles(KEY_SETS["whole"], starts, "cpu")
+    empty = dataclasses.replace(keys, points=torch.empty(0, dtype=torch.int32))
+    args = (case["q"], case["key_cache"], case["value_cache"], case["block_table"])
+    scale = HEAD_DIM**-0.5
+    got, _ = cpu.tiled_attention_cpu(*args, empty, starts, scale, torch.empty_like(case["q"]))
+    want, _ = cpu.tiled_attention_cpu(*args, keys, starts, scale, torch.empty_like(case["q"]))
+    assert torch.equal(got, want)

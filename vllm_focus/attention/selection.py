@@ -215,7 +215,7 @@ class SparseSelector:
         prompt_keys = torch.zeros(len(requests), dtype=torch.int64, device=q.device)
         prompt_keys.index_add_(0, layout.kept_row[layout.tile_kept], (high - low).long())
         sinks = [batch.sinks[r] for r in requests if batch.sinks[r] is not None]
-        if sinks:
+        if sum(len(found) for found in sinks):  # `num_sinks` 0 leaves every list empty
             flat = torch.cat(sinks)
             duplicate = is_kept[layout.sink_row, flat // layout.sink_sizes]
             points = torch.where(duplicate, -1, flat).to(torch.int32)
