@@ -125,6 +125,15 @@ def _attend(q, tokens, keys, values, owner, scale, result, want_mass: bool):
     return mass
 
 
+def empty_sink_scores(sink_prompt_lens: list[int], device=None) -> torch.Tensor:
+    """[R, max prompt] float32: 0 over each request's prompt (a request without queries puts
+    no mass anywhere), -inf past it."""
+    lengths = torch.tensor(sink_prompt_lens, device=device)
+    sinks = torch.full((len(sink_prompt_lens), int(lengths.max())), float("-inf"), device=device)
+    sinks[torch.arange(sinks.shape[1], device=device) < lengths[:, None]] = 0.0
+    return sinks
+
+
 def paged_attention_cpu(
     q: torch.Tensor,
     key_cache: torch.Tensor,
@@ -149,13 +158,11 @@ def paged_attention_cpu(
     result = torch.empty_like(q) if out is None else out
     sinks = None
     if sink_prompt_lens is not None:
-        width = max(sink_prompt_lens, default=0)
-        sinks = torch.full((len(sink_prompt_lens), width), float("-inf"), device=q.device)
-        for req, prompt_len in enumerate(sink_prompt_lens):
-            sinks[req, :prompt_len] = 0.0  # a request without queries puts no mass anywhere
+        sinks = empty_sink_scores(sink_prompt_lens, q.device)
     present = torch.unique(query_req).tolist()
     if requests is not None:
-        present = [r for r in present if r in set(requests)]
+        chosen = set(requests)
+        present = [r for r in present if r in chosen]
     for req in present:
         tokens = torch.nonzero(query_req == req).flatten()
         positions = key_positions[cu_seqlens_k[req] : cu_seqlens_k[req + 1]].long()
@@ -266,11 +273,7 @@ def tiled_attention_cpu(
     pointed = points[(offset + lane).clamp(0, points.numel() - 1)]
     pointed = torch.where(~is_range & (lane < end - start), pointed, -1)  # [NT, TILE_N]
 
-    sinks = None
-    if sink_prompt_lens is not None:
-        lengths = torch.tensor(sink_prompt_lens)
-        sinks = torch.full((len(sink_prompt_lens), int(lengths.max())), float("-inf"))
-        sinks[torch.arange(sinks.shape[1]) < lengths[:, None]] = 0.0
+    sinks = None if sink_prompt_lens is None else empty_sink_scores(sink_prompt_lens)
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = key_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -327,9 +330,7 @@ def sink_mass_cpu(
     of its sequence, summed over heads and queries; -inf elsewhere (the sink scores of
     `paged_attention_cpu`). Reads K only (the layer's output comes from the dense kernel), a
     chunk of whole cache blocks at a time so that each chunk stays in the CPU's caches."""
-    lengths = torch.tensor(sink_prompt_lens)
-    sinks = torch.full((len(sink_prompt_lens), int(lengths.max())), float("-inf"))
-    sinks[torch.arange(sinks.shape[1]) < lengths[:, None]] = 0.0
+    sinks = empty_sink_scores(sink_prompt_lens)
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads, block_size = key_cache.shape[2], key_cache.shape[1]
     group = num_heads // num_kv_heads

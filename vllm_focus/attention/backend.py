@@ -48,16 +48,13 @@ class FocusBatch:
     # that writes prompt positions; the CPU path caches block means under it.
     prompt_keys: list[tuple[str, int]] = field(default_factory=list)
     sinks: list[torch.Tensor | None] = field(default_factory=list)
-    # Per request, prompt keys its queries attended, summed over the sparse layers (metrics):
-    # counted on the host by the CPU path, on the device by the Triton path.
-    sparse_prompt_keys: list[int] = field(default_factory=list)
+    # Per request, prompt keys its queries attended, summed over the sparse layers (metrics),
+    # counted on the device by the shared selection.
     sparse_prompt_keys_device: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if not self.sinks:
             self.sinks = [None] * len(self.plans)
-        if not self.sparse_prompt_keys:
-            self.sparse_prompt_keys = [0] * len(self.plans)
 
     def add_device_prompt_keys(self, requests: list[int], counts: torch.Tensor) -> None:
         if self.sparse_prompt_keys_device is None:
@@ -70,9 +67,8 @@ class FocusBatch:
     def prompt_keys_attended(self) -> list[int]:
         """Per request, the prompt keys its sparse layers attended (read after the forward)."""
         if self.sparse_prompt_keys_device is None:
-            return list(self.sparse_prompt_keys)
-        counted = self.sparse_prompt_keys_device.tolist()
-        return [a + b for a, b in zip(self.sparse_prompt_keys, counted)]
+            return [0] * len(self.plans)
+        return self.sparse_prompt_keys_device.tolist()
 
 
 @dataclass
@@ -359,37 +355,26 @@ class FocusAttentionImpl(AttentionImpl):
         return self._layer_index
 
     def _dense_native(self, q, kv_cache, meta: FocusMetadata, dense, out, isa) -> None:
-        """Attention of the `dense` requests over every key, by CPU_ATTN's C++ kernel; its
-        schedule (and the sub-batch's rows) built once per forward, shared by the layers."""
+        """Attention of the `dense` requests over every key, by CPU_ATTN's C++ kernel: the
+        sub-batch is the Triton path's `dense_subset`, its schedule built once per forward and
+        shared by the layers."""
         from vllm_focus.kernels.cpu_native import dense_attention_native, dense_metadata
 
-        key = ("native", tuple(dense))
-        batch = meta.step_cache.get(key)
-        if batch is None:
-            if len(dense) == len(meta.seq_lens_cpu):
-                rows, starts = None, meta.query_start_loc
-                seq_lens, table = meta.seq_lens, meta.block_table
-            else:
-                bounds = meta.query_start_loc_cpu
-                rows = torch.cat([torch.arange(bounds[r], bounds[r + 1]) for r in dense])
-                rows = rows.to(q.device)
-                counts = [bounds[r + 1] - bounds[r] for r in dense]
-                starts = _cumulative(counts, q.device)
-                picked = torch.tensor(dense, device=q.device)
-                seq_lens, table = meta.seq_lens[picked], meta.block_table[picked]
-            schedule = dense_metadata(
-                self.num_heads, self.num_kv_heads, self.head_size, q.dtype, starts, seq_lens, isa
-            )
-            meta.step_cache[key] = batch = (rows, starts, seq_lens, table, schedule)
-        rows, starts, seq_lens, table, schedule = batch
-        if rows is None:
-            dense_attention_native(q, kv_cache, out, starts, seq_lens, table, self.scale, schedule)
+        batch = triton_path.dense_subset(meta, dense)
+        key = ("native schedule", tuple(dense))
+        schedule = meta.step_cache.get(key)
+        if schedule is None:
+            schedule = meta.step_cache[key] = dense_metadata(
+                self.num_heads, self.num_kv_heads, self.head_size, q.dtype,
+                batch.query_start_loc, batch.seq_lens, isa,
+            )  # fmt: skip
+        args = (batch.query_start_loc, batch.seq_lens, batch.block_table, self.scale, schedule)
+        if batch.rows is None:
+            dense_attention_native(q, kv_cache, out, *args)
             return
-        result = torch.empty((rows.numel(), *q.shape[1:]), dtype=out.dtype, device=out.device)
-        dense_attention_native(
-            q[rows], kv_cache, result, starts, seq_lens, table, self.scale, schedule
-        )
-        out[rows] = result
+        result = torch.empty((batch.rows.numel(), *q.shape[1:]), dtype=out.dtype, device=out.device)
+        dense_attention_native(q[batch.rows], kv_cache, result, *args)
+        out[batch.rows] = result
 
     @staticmethod
     def _sparse_requests(index: int, meta: FocusMetadata) -> list[int]:

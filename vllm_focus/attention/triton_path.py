@@ -153,21 +153,15 @@ def attend_and_find_sinks(q, keys, values, scale, meta, wanted, out, all_reduce)
     each prompt key receives; each request keeps its top `num_sinks` prompt keys, best first
     (summed over heads and ranks)."""
     from vllm_focus.kernels.sink_scores import attention_and_sink_scores
-    from vllm_focus.kernels.sparse_attention import key_tiles
 
     batch = meta.focus
-    key = ("sinks", tuple(wanted))
-    cached = meta.step_cache.get(key)
-    if cached is None:
-        ranges = [(r, [(0, meta.seq_lens_cpu[r])], None) for r in wanted]
-        lengths = [batch.prompt_lens[r] if r in wanted else 0 for r in range(len(batch.plans))]
+    tiles, lengths = selection.whole_sequences(meta, wanted, q.device)
+    key = ("sink prompt lens", tuple(wanted))
+    prompt_lens = meta.step_cache.get(key)
+    if prompt_lens is None:
         prompt_lens = torch.tensor(lengths, dtype=torch.int32).to(q.device, non_blocking=True)
-        cached = meta.step_cache[key] = (
-            key_tiles(ranges, meta.query_start_loc_cpu, q.device),
-            prompt_lens,
-            max(lengths),
-        )
-    tiles, prompt_lens, max_prompt = cached
+        meta.step_cache[key] = prompt_lens
+    max_prompt = max(lengths)
     scores = attention_and_sink_scores(
         q, meta.query_start_loc, keys, values, meta.block_table, tiles, prompt_lens,
         max_prompt, scale, out,
