@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.test_kernel_sparse_attention import KEY_SETS, NUM_QUERIES, SEQ_LENS, _query_start
-from vllm_focus.kernels import cpu
+from vllm_focus.kernels import cpu, cpu_compiled
 from vllm_focus.kernels.reference import (
     sparse_paged_attention_ref,
     tiled_sparse_attention_ref,
@@ -17,11 +17,15 @@ from vllm_focus.kernels.reference import (
 from vllm_focus.testing.paged import HEAD_DIM, paged_case, rel_rms
 
 LAYOUTS = [(4, 4), (7, 1), (6, 2)]
+# The batched tiled attention: torch's (gathers of whole blocks) and the compiled C kernel's
+# (rows read in place), the same arguments and results.
+TILED = {"torch": cpu.tiled_attention_cpu, "compiled": cpu_compiled.tiled_attention_compiled}
 
 
+@pytest.mark.parametrize("impl", list(TILED))
 @pytest.mark.parametrize("num_heads, num_kv_heads", LAYOUTS)
 @pytest.mark.parametrize("key_set", list(KEY_SETS))
-def test_batched_tiles_match_twin(num_heads, num_kv_heads, key_set):
+def test_batched_tiles_match_twin(impl, num_heads, num_kv_heads, key_set):
     """Ranges cut mid-tile, point lists with skipped entries, several splits per request, a
     request with no key set left untouched (NaN rows stay NaN)."""
     from vllm_focus.kernels.sparse_attention import key_tiles
@@ -31,9 +35,7 @@ def test_batched_tiles_match_twin(num_heads, num_kv_heads, key_set):
     keys = key_tiles(KEY_SETS[key_set], starts, "cpu")
     args = (case["q"], case["key_cache"], case["value_cache"], case["block_table"])
     scale = HEAD_DIM**-0.5
-    got, _ = cpu.tiled_attention_cpu(
-        *args, keys, starts, scale, torch.full_like(case["q"], float("nan"))
-    )
+    got, _ = TILED[impl](*args, keys, starts, scale, torch.full_like(case["q"], float("nan")))
     query_start = torch.tensor(starts, dtype=torch.int32)
     want = tiled_sparse_attention_ref(
         *args, query_start, keys, scale, torch.full_like(case["q"], float("nan"))
@@ -43,12 +45,48 @@ def test_batched_tiles_match_twin(num_heads, num_kv_heads, key_set):
     assert rel_rms(got[keys.rows], want[keys.rows]) < 1e-5
 
 
+@pytest.mark.parametrize("num_heads, num_kv_heads", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_tiles_on_native_layout(num_heads, num_kv_heads, dtype):
+    """The C kernel on CPU_ATTN's layout (K transposed per block: its fast path) and on
+    bfloat16 (widened on load, rounded to nearest even on store), against the twin in float32
+    on the same values; query rows with a non-contiguous row stride, as the engine's are."""
+    from vllm_focus.kernels.cpu_native import cache_isa
+    from vllm_focus.kernels.sparse_attention import key_tiles
+    from vllm_focus.testing.paged import BLOCK_SIZE
+
+    case = paged_case(SEQ_LENS, NUM_QUERIES, num_heads, num_kv_heads, 1.0, seed=5, dtype=dtype)
+    isa = cache_isa(torch.zeros(2, num_kv_heads, BLOCK_SIZE, 2 * HEAD_DIM, dtype=dtype), HEAD_DIM)
+    assert isa is not None
+    _, (keys, values) = _native_cache(case, num_kv_heads, BLOCK_SIZE, isa)
+    assert keys.stride(1) == 1  # the transposed K the fast path reads
+    starts = _query_start(NUM_QUERIES)
+    tiles = key_tiles(KEY_SETS["sparse"], starts, "cpu")
+    wide = torch.randn(case["q"].shape[0], num_heads + 2, HEAD_DIM, dtype=dtype)
+    q = wide[:, :num_heads]  # row stride (num_heads + 2) x head_dim, as a slice of qkv
+    q.copy_(case["q"])
+    scale = HEAD_DIM**-0.5
+    got, _ = cpu_compiled.tiled_attention_compiled(
+        q, keys, values, case["block_table"], tiles, starts, scale, torch.zeros_like(q)
+    )
+    floats = (q.float(), keys.float(), values.float(), case["block_table"])
+    want = tiled_sparse_attention_ref(
+        *floats, torch.tensor(starts, dtype=torch.int32), tiles, scale,
+        torch.zeros(q.shape),
+    )  # fmt: skip
+    assert got.dtype == dtype
+    bound = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel_rms(got[tiles.rows].float(), want[tiles.rows]) < bound
+
+
 def _native_cache(case, num_kv_heads, block_size, isa):
     """The case's K/V written through CPU_ATTN's own cache write into a cache of its layout."""
     from vllm_focus.kernels.cpu_native import native_views, write_kv_native
 
     blocks = case["key_cache"].shape[0]
-    kv = torch.full((blocks, num_kv_heads, block_size, 2 * HEAD_DIM), float("nan"))
+    kv = torch.full(
+        (blocks, num_kv_heads, block_size, 2 * HEAD_DIM), float("nan"), dtype=case["q"].dtype
+    )
     slots = torch.arange(blocks * block_size)
     rows = case["key_cache"].reshape(-1, num_kv_heads, HEAD_DIM)
     write_kv_native(rows, case["value_cache"].reshape_as(rows), kv, slots, isa)
@@ -110,12 +148,13 @@ def test_head_major_cache_is_read_row_by_row():
 
 
 @pytest.mark.parametrize("num_heads, num_kv_heads", LAYOUTS)
-@pytest.mark.parametrize("source", ["tiled pass", "keys alone"])
+@pytest.mark.parametrize("source", ["tiled pass", "keys alone", "compiled", "compiled, K alone"])
 def test_sink_scores_match_twin(num_heads, num_kv_heads, source):
     """At a sink layer, the mass per prompt key of the wanted requests only (request 1 does not
     ask), the requests' query counts different (padding not counted): from the batched tiled
     pass over whole sequences (the fallback layout), or from K alone in chunks of whole blocks
-    (CPU_ATTN's layout; a chunk smaller than a request's blocks, to cross chunk edges)."""
+    (CPU_ATTN's layout; a chunk smaller than a request's blocks, to cross chunk edges); or by
+    the C kernel, with the layer's output or without it (K alone)."""
     from vllm_focus.kernels.reference import sink_scores_ref
     from vllm_focus.kernels.sparse_attention import key_tiles
 
@@ -131,6 +170,19 @@ def test_sink_scores_match_twin(num_heads, num_kv_heads, source):
             *args, key_tiles(ranges, starts, "cpu"), starts, scale,
             torch.empty_like(case["q"]), wanted,
         )  # fmt: skip
+    elif source.startswith("compiled"):
+        ranges = [(r, [(0, n)], None) for r, n in enumerate(seq_lens) if wanted[r]]
+        args = (case["q"], case["key_cache"], case["value_cache"], case["block_table"])
+        out = None if "K alone" in source else torch.empty_like(case["q"])
+        _, got = cpu_compiled.tiled_attention_compiled(
+            *args, key_tiles(ranges, starts, "cpu"), starts, scale, out, wanted
+        )
+        if out is not None:
+            want_out, _ = cpu.tiled_attention_cpu(
+                *args, key_tiles(ranges, starts, "cpu"), starts, scale, torch.empty_like(out)
+            )
+            rows = [0, 1, 2, 18]  # the wanted requests' query rows
+            assert rel_rms(out[rows], want_out[rows]) < 1e-5
     else:
         got = cpu.sink_mass_cpu(
             case["q"], case["key_cache"], case["block_table"], starts, seq_lens, wanted, scale,
@@ -148,7 +200,8 @@ def test_sink_scores_match_twin(num_heads, num_kv_heads, source):
             assert rel_rms(got[r, :length], want[r, :length]) < 1e-5
 
 
-def test_no_point_tiles_and_no_points():
+@pytest.mark.parametrize("impl", list(TILED))
+def test_no_point_tiles_and_no_points(impl):
     """`num_sinks` 0: the selection hands over an empty point list and no point tiles; the
     batched path attends the ranges alone (an engine once died here)."""
     import dataclasses
@@ -161,6 +214,26 @@ def test_no_point_tiles_and_no_points():
     empty = dataclasses.replace(keys, points=torch.empty(0, dtype=torch.int32))
     args = (case["q"], case["key_cache"], case["value_cache"], case["block_table"])
     scale = HEAD_DIM**-0.5
-    got, _ = cpu.tiled_attention_cpu(*args, empty, starts, scale, torch.empty_like(case["q"]))
-    want, _ = cpu.tiled_attention_cpu(*args, keys, starts, scale, torch.empty_like(case["q"]))
+    got, _ = TILED[impl](*args, empty, starts, scale, torch.empty_like(case["q"]))
+    want, _ = TILED[impl](*args, keys, starts, scale, torch.empty_like(case["q"]))
     assert torch.equal(got, want)
+
+
+def test_compiled_kernel_builds_here_and_can_be_turned_off(tmp_path):
+    """The C kernel compiles on this machine (CI has a C compiler, as vLLM's CPU users do), so
+    the engine's sparse layers take it; `VLLM_FOCUS_CPU_KERNEL=torch` keeps the torch kernels,
+    and a missing compiler falls back to them with a warning instead of failing."""
+    import os
+    import subprocess
+    import sys
+
+    assert cpu_compiled.available()
+    probe = "from vllm_focus.kernels import cpu_compiled; print(cpu_compiled.available())"
+    env = dict(os.environ, VLLM_FOCUS_CACHE=str(tmp_path))
+    for extra, expected in (({}, "True"), ({"VLLM_FOCUS_CPU_KERNEL": "torch"}, "False"),
+                            ({"CC": str(tmp_path / "no-such-cc")}, "False")):  # fmt: skip
+        run = subprocess.run(
+            [sys.executable, "-c", probe], env={**env, **extra}, capture_output=True, text=True
+        )
+        assert run.stdout.strip() == expected, run.stderr
+    assert list(tmp_path.glob("focus_cpu-*.so"))  # built once into the cache folder

@@ -46,6 +46,7 @@ def test_wheel_holds_every_subpackage_and_no_top_level_kernels(wheel):
     assert expected <= packages
     top_level = {n.split("/", 1)[0] for n in names if "/" in n and ".dist-info" not in n}
     assert top_level == {"vllm_focus"}
+    assert "vllm_focus/kernels/focus_cpu.c" in names  # the CPU kernel compiles from it
     for folder in ("kernels", "model_executor", "tests"):
         assert not any(n.startswith(folder + "/") for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))

@@ -202,6 +202,36 @@ def split_kv_cache(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor
     return keys, values
 
 
+# The compiled CPU kernel takes requests with at most this many query tokens (within-block
+# steps); a request with more (a first forward, a refresh) has enough rows for torch's
+# matmuls to pay for their gathers (`kernels.cpu`).
+COMPILED_MAX_QUERIES = 256
+
+
+def _compiled_fits(q, keys, meta, requests: list[int]) -> bool:
+    """Whether `kernels.cpu_compiled` takes these requests' tiled attention here."""
+    from vllm_focus.kernels import cpu_compiled
+
+    starts = meta.query_start_loc_cpu
+    return (
+        max(starts[r + 1] - starts[r] for r in requests) <= COMPILED_MAX_QUERIES
+        and cpu_compiled.supports(q, keys)
+        and cpu_compiled.available()
+    )
+
+
+def _tiled_cpu(q, keys, meta, requests: list[int]):
+    """The CPU path's tiled attention for `requests`: the compiled kernel where it fits, else
+    torch's (same arguments, same results)."""
+    from vllm_focus.kernels.cpu import tiled_attention_cpu
+
+    if _compiled_fits(q, keys, meta, requests):
+        from vllm_focus.kernels.cpu_compiled import tiled_attention_compiled
+
+        return tiled_attention_compiled
+    return tiled_attention_cpu
+
+
 class FocusAttentionImpl(AttentionImpl):
     def __init__(
         self,
@@ -304,7 +334,7 @@ class FocusAttentionImpl(AttentionImpl):
         # Per request: every key (CPU_ATTN's C++ kernel where the cache is in its layout, else
         # the torch path), every key with the sink scores (this is its last dense layer), or
         # the pruned key set of a sparse layer (batched over the sparse requests).
-        from vllm_focus.kernels.cpu import sink_mass_cpu, tiled_attention_cpu
+        from vllm_focus.kernels.cpu import sink_mass_cpu
 
         out = output[:count]
         sparse = self._sparse_requests(index, meta)
@@ -314,11 +344,19 @@ class FocusAttentionImpl(AttentionImpl):
             if dense:
                 self._dense_native(q, kv_cache, meta, dense, out, isa)
             if wanted:
-                _, lengths = selection.whole_sequences(meta, wanted, q.device)
-                scores = sink_mass_cpu(
-                    q, keys, meta.block_table, meta.query_start_loc_cpu, meta.seq_lens_cpu,
-                    lengths, self.scale,
-                )  # fmt: skip
+                tiles, lengths = selection.whole_sequences(meta, wanted, q.device)
+                if _compiled_fits(q, keys, meta, wanted):
+                    from vllm_focus.kernels.cpu_compiled import tiled_attention_compiled
+
+                    _, scores = tiled_attention_compiled(
+                        q, keys, values, meta.block_table, tiles, meta.query_start_loc_cpu,
+                        self.scale, None, lengths,
+                    )  # fmt: skip
+                else:
+                    scores = sink_mass_cpu(
+                        q, keys, meta.block_table, meta.query_start_loc_cpu, meta.seq_lens_cpu,
+                        lengths, self.scale,
+                    )  # fmt: skip
                 selection.keep_sinks(meta.focus, wanted, _all_reduce(scores))
                 wanted = []
         else:
@@ -328,13 +366,15 @@ class FocusAttentionImpl(AttentionImpl):
         args = (q, keys, values, meta.block_table)
         if wanted:  # every key, as whole-sequence tiles, and the mass per prompt key
             tiles, lengths = selection.whole_sequences(meta, wanted, q.device)
-            _, scores = tiled_attention_cpu(
+            _, scores = _tiled_cpu(q, keys, meta, wanted)(
                 *args, tiles, meta.query_start_loc_cpu, self.scale, out, lengths
             )
             selection.keep_sinks(meta.focus, wanted, _all_reduce(scores))
         if sparse:
             tiles = self.selector.key_tiles(q, keys, self.scale, meta, sparse, _all_reduce)
-            tiled_attention_cpu(*args, tiles, meta.query_start_loc_cpu, self.scale, out)
+            _tiled_cpu(q, keys, meta, sparse)(
+                *args, tiles, meta.query_start_loc_cpu, self.scale, out
+            )
         return output
 
     def _every_key(self, q, keys, values, meta, out, requests) -> None:
