@@ -15,6 +15,11 @@ of Focus's last dense layer — so that layer's keys are read once, not twice.
 Requests with many query tokens (a block-start refresh) go through the twin's gather and
 torch's fused attention, which amortises the gather. Results equal the twins' (tests hold
 them to it).
+
+In the engine the sparse layers and the sink layer take the compiled C kernel
+(`kernels.cpu_compiled`, the same arguments and results) where it runs; `tiled_attention_cpu`
+and `sink_mass_cpu` here are its torch counterparts, used where it does not (more than 256
+query tokens in a request, sizes it does not take, no C compiler).
 """
 
 from __future__ import annotations

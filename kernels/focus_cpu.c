@@ -273,6 +273,16 @@ static float exponentiate(float *row, int32_t columns, float shift, float factor
     return total;
 }
 
+/* Folds a row of scores into its running max and sum (online softmax); with `keep`, the
+ * row becomes exp(score - new max). Returns the factor for what was summed before. */
+static float fold_row(float *row, int32_t columns, float *row_max, float *row_sum, int keep) {
+    const float best = row_maximum(row, columns, *row_max);
+    const float rescale = exp_nonpositive(*row_max - best);
+    *row_sum = *row_sum * rescale + exponentiate(row, columns, best, 1.0f, keep);
+    *row_max = best;
+    return rescale;
+}
+
 /* Per-thread scratch, in floats, for tasks of up to `rows` query rows. */
 static int64_t scratch_floats(int64_t rows, int32_t D) {
     const int64_t padded = (rows + ROWS - 1) / ROWS * ROWS;
@@ -321,13 +331,8 @@ static void task(const focus_args_t *a, int64_t index, float *work) {
         while (next_run(a, req, &tile, &offset, r[4], &block_row, &count, &position, &block)) {
             load_run(a, kv_head, block, block_row, count, position, key_buffer, value_buffer, &run);
             run_scores(&run, D, queries, padded, scores);
-            for (int32_t i = 0; i < rows; i++) {
-                float *row = scores + (int64_t)i * MAX_COLUMNS;
-                const float best = row_maximum(row, run.columns, row_max[i]);
-                const float total = exponentiate(row, run.columns, best, 1.0f, 0);
-                row_sum[i] = row_sum[i] * exp_nonpositive(row_max[i] - best) + total;
-                row_max[i] = best;
-            }
+            for (int32_t i = 0; i < rows; i++)
+                fold_row(scores + (int64_t)i * MAX_COLUMNS, run.columns, row_max + i, row_sum + i, 0);
         }
     }
     tile = r[3], offset = 0;
@@ -340,10 +345,7 @@ static void task(const focus_args_t *a, int64_t index, float *work) {
                 exponentiate(row, run.columns, row_max[i], 1.0f / row_sum[i], 1);
                 continue;
             }
-            const float best = row_maximum(row, run.columns, row_max[i]);
-            const float rescale = exp_nonpositive(row_max[i] - best);
-            row_sum[i] = row_sum[i] * rescale + exponentiate(row, run.columns, best, 1.0f, 1);
-            row_max[i] = best;
+            const float rescale = fold_row(row, run.columns, row_max + i, row_sum + i, 1);
             float *dst = acc + (int64_t)i * D;
             for (int32_t d = 0; d < D; d++) dst[d] *= rescale;
         }
