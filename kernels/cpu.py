@@ -229,6 +229,16 @@ def block_scores_from_means(q: torch.Tensor, means: torch.Tensor, scale: float) 
     return torch.einsum("bkd,kd->b", means, summed) * scale
 
 
+def request_tile_spans(tiles) -> dict[int, list[int]]:
+    """Per request with a key set, [first tile, end tile) of its tiles, from the splits (a
+    request's splits are consecutive), in the splits' order."""
+    spans: dict[int, list[int]] = {}
+    for req, low, high, _slot, _base in tiles.splits.tolist():
+        span = spans.setdefault(req, [low, high])
+        span[0], span[1] = min(span[0], low), max(span[1], high)
+    return spans
+
+
 def tiled_attention_cpu(
     q: torch.Tensor,
     key_cache: torch.Tensor,
@@ -256,10 +266,7 @@ def tiled_attention_cpu(
     heads and queries (`paged_attention_cpu`'s sink scores; -inf past a prompt)."""
     from vllm_focus.kernels.sparse_attention import TILE_N
 
-    spans: dict[int, list[int]] = {}
-    for req, low, high, _slot, _base in tiles.splits.tolist():
-        span = spans.setdefault(req, [low, high])
-        span[0], span[1] = min(span[0], low), max(span[1], high)
+    spans = request_tile_spans(tiles)
     requests = list(spans)
     block_size = key_cache.shape[1]
     table = tiles.tiles.long()

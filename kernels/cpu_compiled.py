@@ -148,12 +148,10 @@ def _strides(view: torch.Tensor) -> _Strides:
 
 
 def _requests(tiles, query_start_loc_cpu: list[int]) -> torch.Tensor:
-    """[NR, 5] int32 (request, first query row, end row, first tile, end tile) from the
-    tiles' splits (a request's splits are consecutive)."""
-    spans: dict[int, list[int]] = {}
-    for req, low, high, _slot, _base in tiles.splits.tolist():
-        span = spans.setdefault(req, [low, high])
-        span[0], span[1] = min(span[0], low), max(span[1], high)
+    """[NR, 5] int32 (request, first query row, end row, first tile, end tile)."""
+    from vllm_focus.kernels.cpu import request_tile_spans
+
+    spans = request_tile_spans(tiles)
     rows = [
         (r, query_start_loc_cpu[r], query_start_loc_cpu[r + 1], low, high)
         for r, (low, high) in spans.items()

@@ -202,19 +202,16 @@ def split_kv_cache(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor
     return keys, values
 
 
-# The compiled CPU kernel takes requests with at most this many query tokens (within-block
-# steps); a request with more (a first forward, a refresh) has enough rows for torch's
-# matmuls to pay for their gathers (`kernels.cpu`).
-COMPILED_MAX_QUERIES = 256
-
-
 def _compiled_fits(q, keys, meta, requests: list[int]) -> bool:
-    """Whether `kernels.cpu_compiled` takes these requests' tiled attention here."""
+    """Whether `kernels.cpu_compiled` takes these requests' tiled attention here: within-block
+    steps (at most `FEW_QUERIES` query tokens a request; with more, a first forward or a
+    refresh, torch's matmuls pay for their gathers)."""
     from vllm_focus.kernels import cpu_compiled
+    from vllm_focus.kernels.cpu import FEW_QUERIES
 
     starts = meta.query_start_loc_cpu
     return (
-        max(starts[r + 1] - starts[r] for r in requests) <= COMPILED_MAX_QUERIES
+        max(starts[r + 1] - starts[r] for r in requests) <= FEW_QUERIES
         and cpu_compiled.supports(q, keys)
         and cpu_compiled.available()
     )
