@@ -321,7 +321,8 @@ def tiled_attention_cpu(
         probs = scores.masked_fill_(~mask, float("-inf")).softmax(-1)
         if sinks is not None:
             hit = mask & (positions < sink_prompt_lens[req])
-            sinks[req, positions[hit]] = probs.sum((0, 1))[hit]
+            # a position listed twice (a sink inside a kept block) holds both shares
+            sinks[req].index_put_((positions[hit],), probs.sum((0, 1))[hit], accumulate=True)
         attended = torch.matmul(probs, values).reshape(num_kv_heads, group, t, head_dim)
         out[low:high] = attended.permute(2, 0, 1, 3).reshape(t, num_heads, head_dim).to(out.dtype)
     return out, sinks

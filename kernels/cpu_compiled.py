@@ -34,8 +34,12 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("focus_cpu.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11",
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11", "-ffp-contract=fast",
          "-fno-math-errno", "-fno-trapping-math", "-mprefer-vector-width=512"]  # fmt: skip
+
+# With sink mass, each thread keeps the scores of its task's prompt keys (query rows x keys)
+# so that one pass over K gives the mass; above this many floats it takes two passes instead.
+STASH_FLOATS = 4 << 20
 
 
 class _Strides(ctypes.Structure):
@@ -70,6 +74,7 @@ class _Args(ctypes.Structure):
         ("bf16", ctypes.c_int32),
         ("want_out", ctypes.c_int32),
         ("splits", ctypes.c_int32),
+        ("stash_floats", ctypes.c_int64),
         ("scale", ctypes.c_float),
     ]
 
@@ -225,6 +230,7 @@ def tiled_attention_compiled(
         bf16=int(q.dtype == torch.bfloat16),
         want_out=int(target is not None),
         splits=splits,
+        stash_floats=STASH_FLOATS,
         scale=scale,
     )
     status = library.focus_tiled_attention(ctypes.byref(args))

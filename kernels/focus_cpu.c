@@ -10,9 +10,11 @@
  * as contiguous vectors; V is read row by row.
  *
  * Without sink mass: one pass, online softmax (running max and sum, rescaled accumulator).
- * With sink mass: a first pass over K finds each query row's max and sum; a second computes
- * the normalised probabilities, adds them to `mass[request, kv head, position]` and, if the
- * output is wanted, the accumulator. Floats throughout; bfloat16 caches and queries are
+ * With sink mass, where the task's prompt-key scores fit a per-thread stash (`stash_floats`):
+ * the same one pass, also keeping each prompt key's scores; at the end their normalised
+ * probabilities are added to `mass[request, kv head, position]`. Otherwise two passes: the
+ * first over K finds each query row's max and sum, the second computes the normalised
+ * probabilities, adds them to the mass and, if the output is wanted, the accumulator. Floats throughout; bfloat16 caches and queries are
  * widened on load and the output rounded to nearest even.
  */
 
@@ -44,6 +46,7 @@ typedef struct {
     int32_t bf16;           /* 1: q, out and the cache are bfloat16; 0: float32 */
     int32_t want_out;
     int32_t splits;         /* query-row slices per (request, KV head); 1 with mass */
+    int64_t stash_floats;   /* per thread, the most floats of stashed scores (0: two passes) */
     float scale;
 } focus_args_t;
 
@@ -94,6 +97,8 @@ static inline float exp_nonpositive(float x) {
 
 #define LANES 16 /* columns per score vector; head_dim and block_size are multiples */
 #define ROWS 4   /* query rows per micro-kernel */
+#define PREFETCH_ROWS 8 /* rows of K (head_dim) or V (keys) read ahead */
+#define WIDE 4   /* vectors per row of a micro-kernel's tile */
 #define MAX_COLUMNS 256
 
 /* The keys of one run, as columns of a [head_dim, columns] float matrix (row stride
@@ -193,27 +198,43 @@ static inline lanes_t load_lanes(const float *src) {
 }
 
 /* scores[i, c] = q_i . K[:, c] for rows [0, rows) (rows a multiple of ROWS, queries padded)
- * and columns [0, run->columns); columns outside [lo, hi) are -inf. A ROWS x LANES tile of
- * scores stays in registers over head_dim. */
+ * and columns [0, run->columns); columns outside [lo, hi) are -inf. A ROWS x (WIDE x LANES)
+ * tile of scores stays in registers over head_dim, so each step of the head_dim loop reads
+ * WIDE consecutive vectors of K's row (one stream through a transposed block). */
 static void run_scores(const run_t *run, int32_t D, const float *queries, int32_t rows,
                        float *scores) {
     for (int32_t i0 = 0; i0 < rows; i0 += ROWS) {
         const float *q0 = queries + (int64_t)i0 * D;
-        for (int32_t c0 = 0; c0 < run->columns; c0 += LANES) {
-            lanes_t t0 = {0}, t1 = {0}, t2 = {0}, t3 = {0};
+        float *dst = scores + (int64_t)i0 * MAX_COLUMNS;
+        int32_t c0 = 0;
+        for (; c0 + WIDE * LANES <= run->columns; c0 += WIDE * LANES) {
+            lanes_t t[ROWS][WIDE];
+            memset(t, 0, sizeof t);
+            const float *k = run->keys + c0;
+            for (int32_t d = 0; d < D; d++, k += run->stride) {
+                __builtin_prefetch(k + PREFETCH_ROWS * run->stride);
+                __builtin_prefetch(k + PREFETCH_ROWS * run->stride + 2 * LANES);
+                lanes_t kv[WIDE];
+                for (int32_t w = 0; w < WIDE; w++) kv[w] = load_lanes(k + w * LANES);
+                for (int32_t i = 0; i < ROWS; i++) {
+                    const float qd = q0[(int64_t)i * D + d];
+                    for (int32_t w = 0; w < WIDE; w++) t[i][w] += qd * kv[w];
+                }
+            }
+            for (int32_t i = 0; i < ROWS; i++)
+                for (int32_t w = 0; w < WIDE; w++)
+                    memcpy(dst + (int64_t)i * MAX_COLUMNS + c0 + w * LANES, &t[i][w], sizeof(lanes_t));
+        }
+        for (; c0 < run->columns; c0 += LANES) {
+            lanes_t t[ROWS];
+            memset(t, 0, sizeof t);
             const float *k = run->keys + c0;
             for (int32_t d = 0; d < D; d++, k += run->stride) {
                 const lanes_t kv = load_lanes(k);
-                t0 += q0[d] * kv;
-                t1 += q0[D + d] * kv;
-                t2 += q0[2 * D + d] * kv;
-                t3 += q0[3 * D + d] * kv;
+                for (int32_t i = 0; i < ROWS; i++) t[i] += q0[(int64_t)i * D + d] * kv;
             }
-            float *dst = scores + (int64_t)i0 * MAX_COLUMNS + c0;
-            memcpy(dst, &t0, sizeof t0);
-            memcpy(dst + MAX_COLUMNS, &t1, sizeof t1);
-            memcpy(dst + 2 * MAX_COLUMNS, &t2, sizeof t2);
-            memcpy(dst + 3 * MAX_COLUMNS, &t3, sizeof t3);
+            for (int32_t i = 0; i < ROWS; i++)
+                memcpy(dst + (int64_t)i * MAX_COLUMNS + c0, &t[i], sizeof(lanes_t));
         }
     }
     for (int32_t i = 0; i < rows; i++) {
@@ -223,28 +244,42 @@ static void run_scores(const run_t *run, int32_t D, const float *queries, int32_
     }
 }
 
-/* acc[i, :] += sum over valid columns c of p[i, c] V[c, :]; a ROWS x LANES tile of the
- * accumulator stays in registers over the run's rows. */
+/* acc[i, :] += sum over valid columns c of p[i, c] V[c, :]; a ROWS x (WIDE x LANES) tile of
+ * the accumulator stays in registers over the run's rows, each of which is read as WIDE
+ * consecutive vectors. */
 static void run_values(const run_t *run, int32_t D, const float *probs, int32_t rows,
                        float *acc) {
     for (int32_t i0 = 0; i0 < rows; i0 += ROWS) {
         const float *p0 = probs + (int64_t)i0 * MAX_COLUMNS;
-        for (int32_t d0 = 0; d0 < D; d0 += LANES) {
-            float *a0 = acc + (int64_t)i0 * D + d0;
-            lanes_t t0 = load_lanes(a0), t1 = load_lanes(a0 + D);
-            lanes_t t2 = load_lanes(a0 + 2 * D), t3 = load_lanes(a0 + 3 * D);
+        float *a0 = acc + (int64_t)i0 * D;
+        int32_t d0 = 0;
+        for (; d0 + WIDE * LANES <= D; d0 += WIDE * LANES) {
+            lanes_t t[ROWS][WIDE];
+            for (int32_t i = 0; i < ROWS; i++)
+                for (int32_t w = 0; w < WIDE; w++) t[i][w] = load_lanes(a0 + (int64_t)i * D + d0 + w * LANES);
+            const float *v = run->values + (int64_t)run->lo * run->value_stride + d0;
+            for (int32_t c = run->lo; c < run->hi; c++, v += run->value_stride) {
+                __builtin_prefetch(v + PREFETCH_ROWS * run->value_stride);
+                __builtin_prefetch(v + PREFETCH_ROWS * run->value_stride + 2 * LANES);
+                lanes_t vv[WIDE];
+                for (int32_t w = 0; w < WIDE; w++) vv[w] = load_lanes(v + w * LANES);
+                for (int32_t i = 0; i < ROWS; i++) {
+                    const float p = p0[(int64_t)i * MAX_COLUMNS + c];
+                    for (int32_t w = 0; w < WIDE; w++) t[i][w] += p * vv[w];
+                }
+            }
+            for (int32_t i = 0; i < ROWS; i++)
+                for (int32_t w = 0; w < WIDE; w++) memcpy(a0 + (int64_t)i * D + d0 + w * LANES, &t[i][w], sizeof(lanes_t));
+        }
+        for (; d0 < D; d0 += LANES) {
+            lanes_t t[ROWS];
+            for (int32_t i = 0; i < ROWS; i++) t[i] = load_lanes(a0 + (int64_t)i * D + d0);
             const float *v = run->values + (int64_t)run->lo * run->value_stride + d0;
             for (int32_t c = run->lo; c < run->hi; c++, v += run->value_stride) {
                 const lanes_t vv = load_lanes(v);
-                t0 += p0[c] * vv;
-                t1 += p0[MAX_COLUMNS + c] * vv;
-                t2 += p0[2 * MAX_COLUMNS + c] * vv;
-                t3 += p0[3 * MAX_COLUMNS + c] * vv;
+                for (int32_t i = 0; i < ROWS; i++) t[i] += p0[(int64_t)i * MAX_COLUMNS + c] * vv;
             }
-            memcpy(a0, &t0, sizeof t0);
-            memcpy(a0 + D, &t1, sizeof t1);
-            memcpy(a0 + 2 * D, &t2, sizeof t2);
-            memcpy(a0 + 3 * D, &t3, sizeof t3);
+            for (int32_t i = 0; i < ROWS; i++) memcpy(a0 + (int64_t)i * D + d0, &t[i], sizeof(lanes_t));
         }
     }
 }
@@ -289,7 +324,60 @@ static int64_t scratch_floats(int64_t rows, int32_t D) {
     return padded * (2 * (int64_t)D + MAX_COLUMNS + 2) + 2 * (int64_t)D * MAX_COLUMNS;
 }
 
-static void task(const focus_args_t *a, int64_t index, float *work) {
+/* Starts reading the first rows of the run after (tile, offset) while this one computes
+ * (the rows within a run are read ahead in run_scores / run_values). */
+static void prefetch_next(const focus_args_t *a, int32_t req, int32_t kv_head, int32_t tile,
+                          int32_t offset, int32_t tile_end) {
+    int32_t block_row, count, position;
+    int64_t block;
+    if (!next_run(a, req, &tile, &offset, tile_end, &block_row, &count, &position, &block)) return;
+    const char *k = (const char *)a->k, *v = (const char *)a->v;
+    const int64_t bytes = a->bf16 ? 2 : 4;
+    const int64_t key_at = block * a->ks.block + (int64_t)kv_head * a->ks.head + (int64_t)block_row * a->ks.row;
+    const int64_t value_at = block * a->vs.block + (int64_t)kv_head * a->vs.head + (int64_t)block_row * a->vs.row;
+    for (int32_t j = 0; j < PREFETCH_ROWS; j++) {
+        __builtin_prefetch(k + bytes * (key_at + j * a->ks.dim));
+        __builtin_prefetch(v + bytes * (value_at + j * a->vs.row));
+    }
+}
+
+/* The number of prompt keys (positions below mass_width) in a request's key set, counted
+ * with repeats: the size of its one-pass score stash. */
+static int64_t prompt_keys_listed(const focus_args_t *a, const int32_t *r) {
+    int64_t total = 0;
+    for (int32_t t = r[3]; t < r[4]; t++) {
+        const int32_t *tile = a->tiles + 3 * (int64_t)t;
+        if (tile[2] < 0) {
+            const int64_t hi = tile[1] < a->mass_width ? tile[1] : a->mass_width;
+            if (hi > tile[0]) total += hi - tile[0];
+        } else {
+            total += tile[1] - tile[0];
+        }
+    }
+    return total;
+}
+
+/* Sink mass from the stash: each stashed score's normalised probability, summed over the
+ * task's rows (into the first row, in place), added at its position. */
+static void mass_from_stash(float *stash, const int32_t *positions, int64_t listed,
+                            int64_t capacity, int32_t rows, const float *row_max,
+                            const float *row_sum, float *mass) {
+    for (int32_t i = 0; i < rows; i++) {
+        float *row = stash + i * capacity;
+        const float shift = row_max[i], factor = 1.0f / row_sum[i];
+        for (int64_t j = 0; j < listed; j++) row[j] = exp_nonpositive(row[j] - shift) * factor;
+        if (i > 0)
+            for (int64_t j = 0; j < listed; j++) stash[j] += row[j];
+    }
+    for (int64_t j = 0; j < listed; j++) mass[positions[j]] += stash[j];
+}
+
+/* One task. `stash` (capacity prompt keys x the task's rows, and their positions), when
+ * given with sink mass, keeps the scores of the prompt keys so that one pass over K gives
+ * both the softmax statistics and the mass; without it the mass takes a first pass over K
+ * for the statistics and a second for the probabilities. */
+static void task(const focus_args_t *a, int64_t index, float *work, float *stash,
+                 int32_t *stash_positions, int64_t capacity) {
     const int32_t D = a->head_dim;
     const int32_t group = a->num_heads / a->num_kv_heads;
     const int64_t per_req = (int64_t)a->num_kv_heads * a->splits;
@@ -324,9 +412,14 @@ static void task(const focus_args_t *a, int64_t index, float *work) {
     int32_t tile, offset, block_row, count, position;
     int64_t block;
     float *mass = NULL;
+    int one_pass = 0;
+    int64_t stashed = 0;
     if (a->mass != NULL) {
-        /* first pass: each row's max and sum over the whole key set, from K alone */
         mass = a->mass + ((int64_t)listed * a->num_kv_heads + kv_head) * a->mass_width;
+        one_pass = stash != NULL && prompt_keys_listed(a, r) <= capacity;
+    }
+    if (mass != NULL && !one_pass) {
+        /* first pass: each row's max and sum over the whole key set, from K alone */
         tile = r[3], offset = 0;
         while (next_run(a, req, &tile, &offset, r[4], &block_row, &count, &position, &block)) {
             load_run(a, kv_head, block, block_row, count, position, key_buffer, value_buffer, &run);
@@ -335,23 +428,35 @@ static void task(const focus_args_t *a, int64_t index, float *work) {
                 fold_row(scores + (int64_t)i * MAX_COLUMNS, run.columns, row_max + i, row_sum + i, 0);
         }
     }
+    const int normalised = mass != NULL && !one_pass; /* the second of two passes */
     tile = r[3], offset = 0;
     while (next_run(a, req, &tile, &offset, r[4], &block_row, &count, &position, &block)) {
         load_run(a, kv_head, block, block_row, count, position, key_buffer, value_buffer, &run);
+        prefetch_next(a, req, kv_head, tile, offset, r[4]);
         run_scores(&run, D, queries, padded, scores);
+        if (one_pass) { /* the prompt keys' scores, for the mass once the statistics are known */
+            int32_t hi = run.hi;
+            while (hi > run.lo && run.position0 + hi > a->mass_width) hi--;
+            for (int32_t c = run.lo; c < hi; c++, stashed++) {
+                stash_positions[stashed] = run.position0 + c;
+                for (int32_t i = 0; i < rows; i++)
+                    stash[i * capacity + stashed] = scores[(int64_t)i * MAX_COLUMNS + c];
+            }
+        }
         for (int32_t i = 0; i < rows; i++) {
             float *row = scores + (int64_t)i * MAX_COLUMNS;
-            if (mass != NULL) { /* normalised probabilities */
+            if (normalised) {
                 exponentiate(row, run.columns, row_max[i], 1.0f / row_sum[i], 1);
                 continue;
             }
-            const float rescale = fold_row(row, run.columns, row_max + i, row_sum + i, 1);
+            const float rescale = fold_row(row, run.columns, row_max + i, row_sum + i, a->want_out);
+            if (!a->want_out) continue;
             float *dst = acc + (int64_t)i * D;
             for (int32_t d = 0; d < D; d++) dst[d] *= rescale;
         }
         for (int32_t i = rows; i < padded; i++) /* padding rows attend nothing */
             memset(scores + (int64_t)i * MAX_COLUMNS, 0, sizeof(float) * run.columns);
-        if (mass != NULL) {
+        if (normalised) {
             for (int32_t c = run.lo; c < run.hi; c++) {
                 float total = 0.0f;
                 for (int32_t i = 0; i < rows; i++) total += scores[(int64_t)i * MAX_COLUMNS + c];
@@ -360,11 +465,12 @@ static void task(const focus_args_t *a, int64_t index, float *work) {
         }
         if (a->want_out) run_values(&run, D, scores, padded, acc);
     }
+    if (one_pass) mass_from_stash(stash, stash_positions, stashed, capacity, rows, row_max, row_sum, mass);
     if (!a->want_out) return;
     for (int32_t i = 0; i < rows; i++) {
         const int32_t flat = row_lo + i, t = flat / group, g = flat % group;
         const int64_t at = (int64_t)(r[1] + t) * a->out_stride + (int64_t)(kv_head * group + g) * D;
-        const float inverse = mass != NULL ? 1.0f : (row_sum[i] > 0.0f ? 1.0f / row_sum[i] : 0.0f);
+        const float inverse = normalised ? 1.0f : (row_sum[i] > 0.0f ? 1.0f / row_sum[i] : 0.0f);
         for (int32_t d = 0; d < D; d++) store(a->out, at + d, acc[(int64_t)i * D + d] * inverse, a->bf16);
     }
 }
@@ -383,20 +489,45 @@ int focus_tiled_attention(const focus_args_t *a) {
         if (rows > most_rows) most_rows = rows;
     }
     const int64_t floats = scratch_floats((most_rows + a->splits - 1) / a->splits, a->head_dim);
+    /* with sink mass, a score stash for one pass over K when it stays small */
+    int64_t capacity = 0;
+    if (a->mass != NULL) {
+        for (int64_t i = 0; i < a->num_reqs; i++) {
+            const int64_t keys = prompt_keys_listed(a, a->reqs + 5 * i);
+            if (keys > capacity) capacity = keys;
+        }
+        const int64_t padded = (most_rows + ROWS - 1) / ROWS * ROWS;
+        if (capacity == 0 || padded * capacity > a->stash_floats) capacity = 0;
+    }
+    const int64_t padded_rows = (most_rows + ROWS - 1) / ROWS * ROWS;
     int failed = 0;
 #pragma omp parallel
     {
         float *work = (float *)malloc(sizeof(float) * floats);
+        float *stash = NULL;
+        int32_t *positions = NULL;
+        if (capacity > 0) {
+            stash = (float *)malloc(sizeof(float) * padded_rows * capacity);
+            positions = (int32_t *)malloc(sizeof(int32_t) * capacity);
+            if (stash == NULL || positions == NULL) { /* two passes instead */
+                free(stash);
+                free(positions);
+                stash = NULL;
+                positions = NULL;
+            }
+        }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t index = 0; index < num_tasks; index++) {
             if (work != NULL) {
-                task(a, index, work);
+                task(a, index, work, stash, positions, capacity);
             } else {
 #pragma omp atomic write
                 failed = 1;
             }
         }
         free(work);
+        free(stash);
+        free(positions);
     }
     return failed ? -2 : 0;
 }

@@ -148,13 +148,18 @@ def test_head_major_cache_is_read_row_by_row():
 
 
 @pytest.mark.parametrize("num_heads, num_kv_heads", LAYOUTS)
-@pytest.mark.parametrize("source", ["tiled pass", "keys alone", "compiled", "compiled, K alone"])
-def test_sink_scores_match_twin(num_heads, num_kv_heads, source):
+@pytest.mark.parametrize(
+    "source",
+    ["tiled pass", "keys alone", "compiled", "compiled, K alone", "compiled, two passes",
+     "compiled, K alone, two passes"],
+)  # fmt: skip
+def test_sink_scores_match_twin(num_heads, num_kv_heads, source, monkeypatch):
     """At a sink layer, the mass per prompt key of the wanted requests only (request 1 does not
     ask), the requests' query counts different (padding not counted): from the batched tiled
     pass over whole sequences (the fallback layout), or from K alone in chunks of whole blocks
     (CPU_ATTN's layout; a chunk smaller than a request's blocks, to cross chunk edges); or by
-    the C kernel, with the layer's output or without it (K alone)."""
+    the C kernel, with the layer's output or without it (K alone), in one pass (the prompt
+    keys' scores stashed) or, where the stash would be too big, two."""
     from vllm_focus.kernels.reference import sink_scores_ref
     from vllm_focus.kernels.sparse_attention import key_tiles
 
@@ -171,6 +176,8 @@ def test_sink_scores_match_twin(num_heads, num_kv_heads, source):
             torch.empty_like(case["q"]), wanted,
         )  # fmt: skip
     elif source.startswith("compiled"):
+        if "two passes" in source:
+            monkeypatch.setattr(cpu_compiled, "STASH_FLOATS", 0)
         ranges = [(r, [(0, n)], None) for r, n in enumerate(seq_lens) if wanted[r]]
         args = (case["q"], case["key_cache"], case["value_cache"], case["block_table"])
         out = None if "K alone" in source else torch.empty_like(case["q"])
@@ -198,6 +205,33 @@ def test_sink_scores_match_twin(num_heads, num_kv_heads, source):
         assert torch.isinf(got[r, length:]).all()
         if length:
             assert rel_rms(got[r, :length], want[r, :length]) < 1e-5
+
+
+@pytest.mark.parametrize("stash", [True, False])
+@pytest.mark.parametrize("num_heads, num_kv_heads", [(4, 4), (7, 1)])
+def test_compiled_mass_over_a_pruned_key_set(num_heads, num_kv_heads, stash, monkeypatch):
+    """The mass over any key set (kept ranges, sink points, a point repeated inside a range,
+    skipped points) by the C kernel in one pass or two, against the torch tiled path's."""
+    from vllm_focus.kernels.sparse_attention import key_tiles
+
+    if not stash:
+        monkeypatch.setattr(cpu_compiled, "STASH_FLOATS", 0)
+    case = paged_case(SEQ_LENS, NUM_QUERIES, num_heads, num_kv_heads, 1.0, seed=21)
+    starts = _query_start(NUM_QUERIES)
+    keys = key_tiles(KEY_SETS["sparse"], starts, "cpu")  # points 5, 9, 300 inside ranges
+    lengths = [min(n, 150) for n in SEQ_LENS]
+    args = (case["q"], case["key_cache"], case["value_cache"], case["block_table"])
+    scale = HEAD_DIM**-0.5
+    got_out, got = cpu_compiled.tiled_attention_compiled(
+        *args, keys, starts, scale, torch.zeros_like(case["q"]), lengths
+    )
+    want_out, want = cpu.tiled_attention_cpu(
+        *args, keys, starts, scale, torch.zeros_like(case["q"]), lengths
+    )
+    assert torch.equal(got.isinf(), want.isinf())
+    finite = ~want.isinf()
+    assert rel_rms(got[finite], want[finite]) < 1e-5
+    assert rel_rms(got_out[keys.rows], want_out[keys.rows]) < 1e-5
 
 
 @pytest.mark.parametrize("impl", list(TILED))
@@ -237,3 +271,19 @@ def test_compiled_kernel_builds_here_and_can_be_turned_off(tmp_path):
         )
         assert run.stdout.strip() == expected, run.stderr
     assert list(tmp_path.glob("focus_cpu-*.so"))  # built once into the cache folder
+
+
+@pytest.mark.parametrize("k", [0, 1, 5, 16, 40])
+def test_top_ranked_is_the_stable_order_prefix(k):
+    """The sinks' top-k (no whole-row sort) equals the first k of the stable descending sort
+    `selection.rank` gives, on rows full of ties, -inf tails (short prompts) and k past a
+    row's width."""
+    from vllm_focus.attention import selection
+
+    generator = torch.Generator().manual_seed(k)
+    scores = torch.randint(0, 4, (6, 33), generator=generator).float()
+    scores[1, 10:] = float("-inf")
+    scores[2] = 1.0
+    scores[3, :] = float("-inf")
+    got = selection.top_ranked(scores, k)
+    assert torch.equal(got, selection.rank(scores)[:, :k])

@@ -328,50 +328,37 @@ class FocusAttentionImpl(AttentionImpl):
                 self, index, q, keys, values, meta, output[:count], wanted, _all_reduce
             )
             return output
-        # Per request: every key (CPU_ATTN's C++ kernel where the cache is in its layout, else
-        # the torch path), every key with the sink scores (this is its last dense layer), or
-        # the pruned key set of a sparse layer (batched over the sparse requests).
-        from vllm_focus.kernels.cpu import sink_mass_cpu
-
+        # Per request: every key (the compiled kernel over whole-sequence tiles in a within-block
+        # step; CPU_ATTN's C++ kernel, or the torch path off its layout, for first forwards and
+        # refreshes), every key with the sink scores (this is its last dense layer), or the
+        # pruned key set of a sparse layer (batched over the sparse requests).
         out = output[:count]
         sparse = self._sparse_requests(index, meta)
-        isa = self._cpu_isa(kv_cache)
-        if isa:  # the sink layer's output by the dense kernel too, its mass from K alone
-            dense = [r for r in range(len(meta.seq_lens_cpu)) if r not in sparse]
-            if dense:
-                self._dense_native(q, kv_cache, meta, dense, out, isa)
-            if wanted:
-                tiles, lengths = selection.whole_sequences(meta, wanted, q.device)
-                if _compiled_fits(q, keys, meta, wanted):
-                    from vllm_focus.kernels.cpu_compiled import tiled_attention_compiled
-
-                    _, scores = tiled_attention_compiled(
-                        q, keys, values, meta.block_table, tiles, meta.query_start_loc_cpu,
-                        self.scale, None, lengths,
-                    )  # fmt: skip
-                else:
-                    scores = sink_mass_cpu(
-                        q, keys, meta.block_table, meta.query_start_loc_cpu, meta.seq_lens_cpu,
-                        lengths, self.scale,
-                    )  # fmt: skip
-                selection.keep_sinks(meta.focus, wanted, _all_reduce(scores))
-                wanted = []
-        else:
-            dense = [r for r in range(len(meta.seq_lens_cpu)) if r not in sparse + wanted]
-            if dense:
-                self._every_key(q, keys, values, meta, out, dense)
+        every = [r for r in range(len(meta.seq_lens_cpu)) if r not in sparse and r not in wanted]
+        quick = [r for r in every if _compiled_fits(q, keys, meta, [r])]
+        rest = [r for r in every if r not in quick]
+        if rest:
+            isa = self._cpu_isa(kv_cache)
+            if isa:
+                self._dense_native(q, kv_cache, meta, rest, out, isa)
+            else:
+                self._every_key(q, keys, values, meta, out, rest)
         args = (q, keys, values, meta.block_table)
+        starts = meta.query_start_loc_cpu
+        if quick:
+            from vllm_focus.kernels.cpu_compiled import tiled_attention_compiled
+
+            tiles, _ = selection.whole_sequences(meta, quick, q.device)
+            tiled_attention_compiled(*args, tiles, starts, self.scale, out)
         if wanted:  # every key, as whole-sequence tiles, and the mass per prompt key
             tiles, lengths = selection.whole_sequences(meta, wanted, q.device)
             _, scores = _tiled_cpu(q, keys, meta, wanted)(
-                *args, tiles, meta.query_start_loc_cpu, self.scale, out, lengths
+                *args, tiles, starts, self.scale, out, lengths
             )
             selection.keep_sinks(meta.focus, wanted, _all_reduce(scores))
         if sparse:
             tiles = self.selector.key_tiles(q, keys, self.scale, meta, sparse, _all_reduce)
-            _tiled_cpu(q, keys, meta, sparse)(
-                *args, tiles, meta.query_start_loc_cpu, self.scale, out
-            )
+            _tiled_cpu(q, keys, meta, sparse)(*args, tiles, starts, self.scale, out)
         return output
 
     def _every_key(self, q, keys, values, meta, out, requests) -> None:

@@ -1,7 +1,7 @@
 """Focus's selection at a sparse layer, batched over the step's sparse requests (torch ops on
 whatever device the cache is on: the Triton path's and the CPU path's).
 
-Block scores come from block means cached per version of a request's prompt K/V (one einsum
+Block scores come from block means cached per version of a request's prompt K/V (one matmul
 for all sparse requests), the kept blocks from one stable sort, and the key set — kept blocks,
 sinks not already in one, the response range — is described as `KeyTiles`, which
 `kernels.sparse_attention.tiled_sparse_attention` (CUDA) and `kernels.cpu.tiled_attention_cpu`
@@ -28,9 +28,27 @@ def rank(scores: torch.Tensor) -> torch.Tensor:
     return torch.sort(scores, dim=1, descending=True, stable=True).indices
 
 
+def top_ranked(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """`rank(scores)[:, :k]` without sorting whole rows: a top-k finds each row's k-th
+    value, the columns above it and the lowest-index ones equal to it are the first k of
+    the stable order, and a stable sort of those k (in column order) orders them."""
+    k = min(k, scores.shape[1])
+    if k == 0:
+        return torch.empty((scores.shape[0], 0), dtype=torch.int64, device=scores.device)
+    kth = torch.topk(scores, k, dim=1).values[:, -1:]
+    above = scores > kth
+    tied = scores == kth
+    missing = k - above.sum(1, keepdim=True)
+    chosen = above | (tied & (tied.cumsum(1) <= missing))
+    columns = chosen.nonzero()[:, 1].view(scores.shape[0], k)  # row-major: ascending columns
+    order = torch.sort(scores.gather(1, columns), dim=1, descending=True, stable=True).indices
+    return columns.gather(1, order)
+
+
 def whole_sequences(meta, wanted: list[int], device) -> tuple[KeyTiles, list[int]]:
     """The wanted requests' key sets as whole-sequence tiles, and per request of the batch
-    its prompt length if wanted else 0 (built once per forward)."""
+    its prompt length if wanted else 0 (None in a step without Focus requests); built once
+    per forward."""
     from vllm_focus.kernels.sparse_attention import key_tiles
 
     key = ("whole", tuple(wanted))
@@ -38,7 +56,9 @@ def whole_sequences(meta, wanted: list[int], device) -> tuple[KeyTiles, list[int
     if cached is None:
         ranges = [(r, [(0, meta.seq_lens_cpu[r])], None) for r in wanted]
         chosen = set(wanted)
-        lengths = [n if r in chosen else 0 for r, n in enumerate(meta.focus.prompt_lens)]
+        lengths = None
+        if meta.focus is not None:  # None: a step without Focus requests (no sink scores)
+            lengths = [n if r in chosen else 0 for r, n in enumerate(meta.focus.prompt_lens)]
         cached = (key_tiles(ranges, meta.query_start_loc_cpu, device), lengths)
         meta.step_cache[key] = cached
     return cached
@@ -47,7 +67,7 @@ def whole_sequences(meta, wanted: list[int], device) -> tuple[KeyTiles, list[int
 def keep_sinks(batch, wanted: list[int], scores: torch.Tensor) -> None:
     """Each wanted request keeps its top `num_sinks` prompt keys by `scores` [R, width] (the
     softmax mass per prompt key, summed over heads and ranks), best first."""
-    order = rank(scores[wanted])
+    order = top_ranked(scores[wanted], max(batch.plans[r].num_sinks for r in wanted))
     for row, r in enumerate(wanted):
         batch.sinks[r] = order[row, : min(batch.plans[r].num_sinks, batch.prompt_lens[r])]
 
@@ -195,7 +215,8 @@ class SparseSelector:
         )
         summed = torch.zeros(len(requests), num_kv_heads, head_dim, device=q.device)
         summed.index_add_(0, owner.clamp_min(0), grouped.sum(2) * picked[:, None, None])
-        scores = torch.einsum("rbkd,rkd->rb", means, summed) * scale
+        flat = means.reshape(means.shape[0], means.shape[1], num_kv_heads * head_dim)
+        scores = torch.bmm(flat, summed.reshape(len(requests), -1, 1)).squeeze(2) * scale
         scores = all_reduce(scores)
         scores = scores.masked_fill(~layout.valid_blocks, float("-inf"))
         order = rank(scores)
