@@ -29,7 +29,7 @@ import os
 import time
 from pathlib import Path
 
-from vllm_focus.longbench import TASKS, build_prompt, load_config, load_records, score
+from vllm_focus.longbench import TASKS, build_prompt, load_config, load_records, task_score
 
 METHODS = {
     "vanilla": (False, {"cache": "none"}),
@@ -85,11 +85,13 @@ def run(args) -> dict:
             )
             items = prompts[task]
             outputs = llm.generate([{"prompt_token_ids": ids} for ids, _ in items], params)
-            values = [
-                score(task, out.outputs[0].text, r["answers"], r.get("all_classes"))
-                for out, (_, r) in zip(outputs, items)
-            ]
-            scores[task] = 100 * sum(values) / len(values)
+            scores[task] = task_score(
+                task,
+                [
+                    (out.outputs[0].text, r["answers"], r.get("all_classes"))
+                    for out, (_, r) in zip(outputs, items)
+                ],
+            )
         result["scores"][method] = scores
         result["average"][method] = sum(scores.values()) / len(scores)
         result["seconds"][method] = time.perf_counter() - started

@@ -42,7 +42,8 @@ first forwards per request; above `--full-refresh-max` prompt tokens in flight (
 they are skipped for time and the table says so. Vanilla above `--vanilla-max-len` runs one
 step per block and is extrapolated to 256 steps (marked `~`).
 
-Results: benchmarks/results/throughput.json and the plots (benchmarks/plots.py) beside it.
+Results: benchmarks/results/throughput.json, the README's tables from it (throughput.md) and
+the plots (benchmarks/plots.py) beside it; `--render JSON` redoes the tables and plots of a run.
 """
 
 from __future__ import annotations
@@ -526,6 +527,45 @@ def print_table(entries: list[dict]) -> None:
     )
 
 
+def markdown_tables(result: dict) -> str:
+    """The README's tables of a sweep's result: one per model, its machine's figures above it."""
+    known = {m.name: m for m in METHODS}
+    machine = result["machine"]
+    lines = []
+    for model in dict.fromkeys(e["model"] for e in result["table"]):
+        lines += [
+            f"**{model}** (copy {machine['copy_gbps']:.1f} GB/s, matmul "
+            f"{machine['matmul_gflops']:.0f} GFLOP/s in its run):",
+            "",
+            "| prompt | N | method | tok/s end to end | decode tok/s | × same-refresh dense "
+            "(e2e / decode / step) | within-block step ms | floor ms (bound) | step ÷ floor | "
+            "first forwards s | refresh s | within-block s | tokens = baseline |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for e in (e for e in result["table"] if e["model"] == model):
+            baseline = known[e["method"]].baseline if e["method"] in known else None
+            ratios = " / ".join(
+                f"{e[key]:.2f}×"
+                for key in ("speedup_vs_same", "decode_speedup_vs_same", "step_speedup_vs_same")
+                if e.get(key) is not None
+            )
+            same = e.get(f"agree_{baseline}") if baseline else None
+            step = e["within_block_step_ms"]
+            floor = f"{e['floor_ms']:.1f} ({e['floor_bound']})" if e["floor_ms"] else "–"
+            mark = "~" if e["extrapolated"] else ""
+            cells = [
+                f"{e['prompt_len'] // 1024}K", str(e["concurrency"]), e["method"],
+                f"{mark}{e['tokens_per_s']:.2f}", f"{mark}{e['decode_tokens_per_s']:.2f}",
+                ratios or "–", f"{step:.1f}" if step else "–", floor,
+                f"{e['over_floor']:.1f}" if e["over_floor"] else "–",
+                f"{e['first_forward_s']:.1f}", f"{e['refresh_s']:.1f}",
+                f"{e['within_block_s']:.1f}", f"{same:.2f}" if same is not None else "–",
+            ]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -557,13 +597,21 @@ def main() -> None:
     parser.add_argument(
         "--max-prompt-len",
         nargs="*",
-        default=["dream-gqa7=4096"],
+        default=[],
         metavar="MODEL=N",
         help="per-model cap on the prompt lengths (time budget); none: every model all lengths",
     )
     parser.add_argument("--out", default=str(RESULTS / "throughput.json"))
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument(
+        "--render",
+        metavar="JSON",
+        help="only write the tables (.md) and plots of an earlier run's JSON, run nothing",
+    )
     args = parser.parse_args()
+    if args.render:
+        render(json.loads(Path(args.render).read_text()), Path(args.render), not args.no_plots)
+        return
     known = {m.name: m for m in METHODS}
     unknown = [m for m in args.methods if m not in known]
     if unknown:
@@ -624,7 +672,15 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
-    if not args.no_plots:
+    render(result, out, not args.no_plots)
+
+
+def render(result: dict, out: Path, plots: bool) -> None:
+    """The markdown tables (beside the JSON, .md) and, with `plots`, the plots."""
+    tables = out.with_suffix(".md")
+    tables.write_text(f"`{result['command']}`\n\n" + markdown_tables(result))
+    print(f"wrote {tables}")
+    if plots:
         from plots import plot_throughput
 
         for path in plot_throughput(result, out.parent):

