@@ -197,6 +197,20 @@ static inline lanes_t load_lanes(const float *src) {
     return v;
 }
 
+/* The micro-kernels' step: t[i][w] += a[i * a_stride] * b[w * LANES .. + LANES) over a ROWS x
+ * WIDE tile (b: WIDE consecutive vectors of one row of K or V); `ahead` is read ahead. */
+static inline void tile_update(lanes_t t[ROWS][WIDE], const float *a, int64_t a_stride,
+                               const float *b, const float *ahead) {
+    __builtin_prefetch(ahead);
+    __builtin_prefetch(ahead + 2 * LANES);
+    lanes_t row[WIDE];
+    for (int32_t w = 0; w < WIDE; w++) row[w] = load_lanes(b + w * LANES);
+    for (int32_t i = 0; i < ROWS; i++) {
+        const float x = a[(int64_t)i * a_stride];
+        for (int32_t w = 0; w < WIDE; w++) t[i][w] += x * row[w];
+    }
+}
+
 /* scores[i, c] = q_i . K[:, c] for rows [0, rows) (rows a multiple of ROWS, queries padded)
  * and columns [0, run->columns); columns outside [lo, hi) are -inf. A ROWS x (WIDE x LANES)
  * tile of scores stays in registers over head_dim, so each step of the head_dim loop reads
@@ -211,16 +225,8 @@ static void run_scores(const run_t *run, int32_t D, const float *queries, int32_
             lanes_t t[ROWS][WIDE];
             memset(t, 0, sizeof t);
             const float *k = run->keys + c0;
-            for (int32_t d = 0; d < D; d++, k += run->stride) {
-                __builtin_prefetch(k + PREFETCH_ROWS * run->stride);
-                __builtin_prefetch(k + PREFETCH_ROWS * run->stride + 2 * LANES);
-                lanes_t kv[WIDE];
-                for (int32_t w = 0; w < WIDE; w++) kv[w] = load_lanes(k + w * LANES);
-                for (int32_t i = 0; i < ROWS; i++) {
-                    const float qd = q0[(int64_t)i * D + d];
-                    for (int32_t w = 0; w < WIDE; w++) t[i][w] += qd * kv[w];
-                }
-            }
+            for (int32_t d = 0; d < D; d++, k += run->stride)
+                tile_update(t, q0 + d, D, k, k + PREFETCH_ROWS * run->stride);
             for (int32_t i = 0; i < ROWS; i++)
                 for (int32_t w = 0; w < WIDE; w++)
                     memcpy(dst + (int64_t)i * MAX_COLUMNS + c0 + w * LANES, &t[i][w], sizeof(lanes_t));
@@ -258,16 +264,8 @@ static void run_values(const run_t *run, int32_t D, const float *probs, int32_t 
             for (int32_t i = 0; i < ROWS; i++)
                 for (int32_t w = 0; w < WIDE; w++) t[i][w] = load_lanes(a0 + (int64_t)i * D + d0 + w * LANES);
             const float *v = run->values + (int64_t)run->lo * run->value_stride + d0;
-            for (int32_t c = run->lo; c < run->hi; c++, v += run->value_stride) {
-                __builtin_prefetch(v + PREFETCH_ROWS * run->value_stride);
-                __builtin_prefetch(v + PREFETCH_ROWS * run->value_stride + 2 * LANES);
-                lanes_t vv[WIDE];
-                for (int32_t w = 0; w < WIDE; w++) vv[w] = load_lanes(v + w * LANES);
-                for (int32_t i = 0; i < ROWS; i++) {
-                    const float p = p0[(int64_t)i * MAX_COLUMNS + c];
-                    for (int32_t w = 0; w < WIDE; w++) t[i][w] += p * vv[w];
-                }
-            }
+            for (int32_t c = run->lo; c < run->hi; c++, v += run->value_stride)
+                tile_update(t, p0 + c, MAX_COLUMNS, v, v + PREFETCH_ROWS * run->value_stride);
             for (int32_t i = 0; i < ROWS; i++)
                 for (int32_t w = 0; w < WIDE; w++) memcpy(a0 + (int64_t)i * D + d0 + w * LANES, &t[i][w], sizeof(lanes_t));
         }

@@ -88,7 +88,13 @@ class MaskedDiffusionScheduler(Scheduler):
             # engine keeps serving the others.
             logger.error("request %s rejected: %s", request.request_id, err)
             super().add_request(request)
-            self.grammar_compile_error_reqs.add(request.request_id)
+            errors = self.grammar_compile_error_reqs
+            if isinstance(errors, dict):  # vLLM 0.33: request id -> RequestError (to the client)
+                from vllm.outputs import RequestError
+
+                errors[request.request_id] = RequestError(code="validation_error", message=str(err))
+            else:  # vLLM 0.32: a set of request ids
+                errors.add(request.request_id)
             return
         focus = plan.focus is not None and plan.focus.applies(request.num_prompt_tokens, plan.cache)
         self.progress[request.request_id] = _Progress(plan, request.num_prompt_tokens, focus)
