@@ -18,8 +18,8 @@ them to it).
 
 In the engine the sparse layers and the sink layer take the compiled C kernel
 (`kernels.cpu_compiled`, the same arguments and results) where it runs; `tiled_attention_cpu`
-and `sink_mass_cpu` here are its torch counterparts, used where it does not (more than 256
-query tokens in a request, sizes it does not take, no C compiler).
+here is its torch counterpart, used where it does not (more than 256 query tokens in a
+request, sizes it does not take, no C compiler).
 """
 
 from __future__ import annotations
@@ -326,41 +326,3 @@ def tiled_attention_cpu(
         attended = torch.matmul(probs, values).reshape(num_kv_heads, group, t, head_dim)
         out[low:high] = attended.permute(2, 0, 1, 3).reshape(t, num_heads, head_dim).to(out.dtype)
     return out, sinks
-
-
-def sink_mass_cpu(
-    q: torch.Tensor,
-    key_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    query_start_loc_cpu: list[int],
-    seq_lens_cpu: list[int],
-    sink_prompt_lens: list[int],
-    scale: float,
-    chunk_blocks: int = 64,
-) -> torch.Tensor:
-    """[R, max prompt] float32: for each request with a prompt length in `sink_prompt_lens`
-    (0: not wanted), the softmax mass its query tokens put on each prompt key over every key
-    of its sequence, summed over heads and queries; -inf elsewhere (the sink scores of
-    `paged_attention_cpu`). Reads K only (the layer's output comes from the dense kernel), a
-    chunk of whole cache blocks at a time so that each chunk stays in the CPU's caches."""
-    sinks = empty_sink_scores(sink_prompt_lens)
-    num_heads, head_dim = q.shape[1], q.shape[2]
-    num_kv_heads, block_size = key_cache.shape[2], key_cache.shape[1]
-    group = num_heads // num_kv_heads
-    key_runs = key_cache.permute(0, 2, 3, 1)  # [blocks, Hkv, D, bs]: runs in CPU_ATTN's layout
-    for req, prompt_len in enumerate(sink_prompt_lens):
-        low, high = query_start_loc_cpu[req], query_start_loc_cpu[req + 1]
-        if not prompt_len or high == low:
-            continue
-        t, seq_len = high - low, seq_lens_cpu[req]
-        grouped = q[low:high].float().reshape(t, num_kv_heads, group, head_dim)
-        grouped = grouped.permute(1, 2, 0, 3).reshape(num_kv_heads, group * t, head_dim)
-        physical = block_table[req, : -(-seq_len // block_size)].long()
-        parts = []
-        for part in physical.split(chunk_blocks):
-            keys = key_runs.index_select(0, part).float()  # [c, Hkv, D, bs]
-            keys = keys.permute(1, 2, 0, 3).reshape(num_kv_heads, head_dim, -1)
-            parts.append(torch.matmul(grouped, keys))
-        scores = torch.cat(parts, -1)[..., :seq_len] * scale
-        sinks[req, :prompt_len] = scores.softmax(-1).sum((0, 1))[:prompt_len]
-    return sinks

@@ -410,12 +410,10 @@ static void task(const focus_args_t *a, int64_t index, float *work, float *stash
     int32_t tile, offset, block_row, count, position;
     int64_t block;
     float *mass = NULL;
-    int one_pass = 0;
     int64_t stashed = 0;
-    if (a->mass != NULL) {
+    if (a->mass != NULL)
         mass = a->mass + ((int64_t)listed * a->num_kv_heads + kv_head) * a->mass_width;
-        one_pass = stash != NULL && prompt_keys_listed(a, r) <= capacity;
-    }
+    const int one_pass = mass != NULL && stash != NULL; /* capacity covers every request */
     if (mass != NULL && !one_pass) {
         /* first pass: each row's max and sum over the whole key set, from K alone */
         tile = r[3], offset = 0;
@@ -487,17 +485,17 @@ int focus_tiled_attention(const focus_args_t *a) {
         if (rows > most_rows) most_rows = rows;
     }
     const int64_t floats = scratch_floats((most_rows + a->splits - 1) / a->splits, a->head_dim);
-    /* with sink mass, a score stash for one pass over K when it stays small */
+    /* with sink mass, a score stash for one pass over K when it stays small: room for the
+     * most prompt keys any request lists, for its most query rows */
+    const int64_t padded_rows = (most_rows + ROWS - 1) / ROWS * ROWS;
     int64_t capacity = 0;
     if (a->mass != NULL) {
         for (int64_t i = 0; i < a->num_reqs; i++) {
             const int64_t keys = prompt_keys_listed(a, a->reqs + 5 * i);
             if (keys > capacity) capacity = keys;
         }
-        const int64_t padded = (most_rows + ROWS - 1) / ROWS * ROWS;
-        if (capacity == 0 || padded * capacity > a->stash_floats) capacity = 0;
+        if (padded_rows * capacity > a->stash_floats) capacity = 0;
     }
-    const int64_t padded_rows = (most_rows + ROWS - 1) / ROWS * ROWS;
     int failed = 0;
 #pragma omp parallel
     {

@@ -150,16 +150,15 @@ def test_head_major_cache_is_read_row_by_row():
 @pytest.mark.parametrize("num_heads, num_kv_heads", LAYOUTS)
 @pytest.mark.parametrize(
     "source",
-    ["tiled pass", "keys alone", "compiled", "compiled, K alone", "compiled, two passes",
+    ["tiled pass", "compiled", "compiled, K alone", "compiled, two passes",
      "compiled, K alone, two passes"],
 )  # fmt: skip
 def test_sink_scores_match_twin(num_heads, num_kv_heads, source, monkeypatch):
     """At a sink layer, the mass per prompt key of the wanted requests only (request 1 does not
     ask), the requests' query counts different (padding not counted): from the batched tiled
-    pass over whole sequences (the fallback layout), or from K alone in chunks of whole blocks
-    (CPU_ATTN's layout; a chunk smaller than a request's blocks, to cross chunk edges); or by
-    the C kernel, with the layer's output or without it (K alone), in one pass (the prompt
-    keys' scores stashed) or, where the stash would be too big, two."""
+    pass over whole sequences (torch), or by the C kernel, with the layer's output or without
+    it (K alone), in one pass (the prompt keys' scores stashed) or, where the stash would be
+    too big, two."""
     from vllm_focus.kernels.reference import sink_scores_ref
     from vllm_focus.kernels.sparse_attention import key_tiles
 
@@ -190,11 +189,6 @@ def test_sink_scores_match_twin(num_heads, num_kv_heads, source, monkeypatch):
             )
             rows = [0, 1, 2, 18]  # the wanted requests' query rows
             assert rel_rms(out[rows], want_out[rows]) < 1e-5
-    else:
-        got = cpu.sink_mass_cpu(
-            case["q"], case["key_cache"], case["block_table"], starts, seq_lens, wanted, scale,
-            chunk_blocks=3,
-        )  # fmt: skip
     want = sink_scores_ref(
         case["q"], torch.tensor(starts, dtype=torch.int32), case["key_cache"],
         case["block_table"], torch.tensor(seq_lens, dtype=torch.int32),
