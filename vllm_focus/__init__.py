@@ -20,11 +20,15 @@ _registered = False
 
 
 def register_hf_configs() -> None:
-    """Make transformers' AutoConfig and vLLM load `Dream` / `llada` configs without remote code."""
+    """Make transformers and vLLM load `Dream` / `llada` configs and Dream's published tokenizer
+    (`DreamTokenizer`, from vocab.json + merges.txt) without remote code."""
     from transformers import AutoConfig
 
+    from vllm_focus.model_executor import tokenization_dream
     from vllm_focus.model_executor.configs.dream import DreamConfig
     from vllm_focus.model_executor.configs.llada import LLaDAConfig
+
+    tokenization_dream.register()
 
     for config_class in (DreamConfig, LLaDAConfig):
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)

@@ -23,8 +23,13 @@ from vllm_focus.testing.tokenizer import (
     SpecialTokens,
     special_token_ids,
     train_tokenizer,
+    write_dream_published_tokenizer,
     write_tokenizer_files,
 )
+
+# How the tokenizer is laid out: `json` (tokenizer.json, as LLaDA publishes) or `published`
+# (Dream-v0-*-7B's: vocab.json + merges.txt, `DreamTokenizer`, auto_map to remote code).
+TOKENIZER_LAYOUTS = ("json", "published")
 
 NUM_BPE_TOKENS = 400
 
@@ -179,10 +184,18 @@ def _random_tensor(name: str, size: tuple[int, ...], shape: TinyShape, generator
     return noise / math.sqrt(size[1])
 
 
-def write_tiny_checkpoint(out: str | Path, arch: str = "dream", seed: int = 0, **overrides) -> Path:
+def write_tiny_checkpoint(
+    out: str | Path,
+    arch: str = "dream",
+    seed: int = 0,
+    tokenizer_layout: str = "json",
+    **overrides,
+) -> Path:
     """Write a tiny checkpoint of preset `arch` (see PRESETS) into `out`; returns the path.
 
     `overrides` replace fields of the preset (e.g. `num_layers=4`, `hidden_size=256`).
+    `tokenizer_layout="published"` (Dream only) writes Dream's published tokenizer files, with
+    the remote-code modules its tokenizer and config auto_maps name.
     """
     import torch
     from safetensors.torch import save_file
@@ -190,6 +203,12 @@ def write_tiny_checkpoint(out: str | Path, arch: str = "dream", seed: int = 0, *
     if arch not in PRESETS:
         raise ValueError(f"unknown tiny arch {arch!r}; choose one of {sorted(PRESETS)}")
     shape = replace(PRESETS[arch], **overrides)
+    if tokenizer_layout not in TOKENIZER_LAYOUTS:
+        raise ValueError(
+            f"tokenizer_layout must be one of {list(TOKENIZER_LAYOUTS)}, got {tokenizer_layout!r}"
+        )
+    if tokenizer_layout == "published" and shape.family != "dream":
+        raise ValueError("tokenizer_layout 'published' is Dream's layout; LLaDA publishes 'json'")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     specials = _specials(shape)
@@ -204,8 +223,16 @@ def write_tiny_checkpoint(out: str | Path, arch: str = "dream", seed: int = 0, *
             f"vocab_size {shape.vocab_size} is smaller than the tokenizer "
             f"({tokenizer.get_vocab_size()} tokens)"
         )
-    write_tokenizer_files(out, tokenizer, specials, shape.max_position_embeddings)
+    if tokenizer_layout == "published":
+        write_dream_published_tokenizer(out, tokenizer, specials, shape.max_position_embeddings)
+    else:
+        write_tokenizer_files(out, tokenizer, specials, shape.max_position_embeddings)
     config = _dream_config(shape, ids) if shape.family == "dream" else _llada_config(shape, ids)
+    if tokenizer_layout == "published":
+        config["auto_map"] = {
+            "AutoConfig": "configuration_dream.DreamConfig",
+            "AutoModel": "modeling_dream.DreamModel",
+        }
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "generation_config.json").write_text(
         json.dumps(_generation_config(shape, ids), indent=2) + "\n"
@@ -249,13 +276,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--intermediate-size", type=int)
     parser.add_argument("--max-position-embeddings", type=int)
     parser.add_argument("--vocab-size", type=int)
+    parser.add_argument(
+        "--tokenizer-layout",
+        choices=TOKENIZER_LAYOUTS,
+        default="json",
+        help="published: Dream-v0-*-7B's vocab.json + merges.txt + DreamTokenizer (Dream only)",
+    )
     args = parser.parse_args(argv)
+    fixed = ("arch", "out", "seed", "tokenizer_layout")
     overrides = {
-        key: value
-        for key, value in vars(args).items()
-        if key not in ("arch", "out", "seed") and value is not None
+        key: value for key, value in vars(args).items() if key not in fixed and value is not None
     }
-    path = write_tiny_checkpoint(args.out, args.arch, seed=args.seed, **overrides)
+    path = write_tiny_checkpoint(
+        args.out, args.arch, seed=args.seed, tokenizer_layout=args.tokenizer_layout, **overrides
+    )
     print(f"wrote tiny {args.arch} checkpoint to {path}")
 
 

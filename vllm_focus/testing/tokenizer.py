@@ -117,10 +117,8 @@ def special_token_ids(tokenizer, specials: SpecialTokens) -> dict[str, int]:
     return ids
 
 
-def write_tokenizer_files(out: Path, tokenizer, specials: SpecialTokens, max_len: int) -> None:
-    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json."""
-    tokenizer.save(str(out / "tokenizer.json"))
-    added = {
+def _added_tokens(tokenizer, specials: SpecialTokens) -> dict:
+    return {
         str(tokenizer.token_to_id(name)): {
             "content": name,
             "lstrip": False,
@@ -131,9 +129,14 @@ def write_tokenizer_files(out: Path, tokenizer, specials: SpecialTokens, max_len
         }
         for name in specials.names
     }
+
+
+def write_tokenizer_files(out: Path, tokenizer, specials: SpecialTokens, max_len: int) -> None:
+    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json."""
+    tokenizer.save(str(out / "tokenizer.json"))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "added_tokens_decoder": added,
+        "added_tokens_decoder": _added_tokens(tokenizer, specials),
         "bos_token": specials.bos,
         "eos_token": specials.eos,
         "pad_token": specials.pad,
@@ -144,6 +147,10 @@ def write_tokenizer_files(out: Path, tokenizer, specials: SpecialTokens, max_len
         "clean_up_tokenization_spaces": False,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    _write_special_tokens_map(out, specials)
+
+
+def _write_special_tokens_map(out: Path, specials: SpecialTokens) -> None:
     special_map = {
         "bos_token": specials.bos,
         "eos_token": specials.eos,
@@ -152,3 +159,47 @@ def write_tokenizer_files(out: Path, tokenizer, specials: SpecialTokens, max_len
         "additional_special_tokens": [specials.end_of_turn],
     }
     (out / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
+
+
+# The modules a published Dream checkpoint's auto_map names, and the files here they come from.
+DREAM_REMOTE_MODULES = {
+    "tokenization_dream.py": "dream_remote_tokenizer.py",
+    "configuration_dream.py": "dream_remote_config.py",
+}
+
+
+def write_dream_published_tokenizer(
+    out: Path, tokenizer, specials: SpecialTokens, max_len: int
+) -> None:
+    """Dream-v0-*-7B's tokenizer layout: vocab.json + merges.txt, no tokenizer.json, a
+    tokenizer_config.json naming `DreamTokenizer` with an auto_map to `tokenization_dream.py`
+    (the keys Dream publishes), and that remote module (a slow BPE written here)."""
+    tokenizer.model.save(str(out))
+    config = {
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": _added_tokens(tokenizer, specials),
+        # As Dream's (Qwen's) list: every added token that is not one of the named four.
+        "additional_special_tokens": [
+            name
+            for name in specials.names
+            if name not in (specials.bos, specials.eos, specials.pad, specials.mask)
+        ],
+        "auto_map": {"AutoTokenizer": ["tokenization_dream.DreamTokenizer", None]},
+        "bos_token": specials.bos,
+        "chat_template": specials.chat_template,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": specials.eos,
+        "errors": "replace",
+        "mask_token": specials.mask,
+        "model_max_length": max_len,
+        "pad_token": specials.pad,
+        "split_special_tokens": False,
+        "tokenizer_class": "DreamTokenizer",
+        "unk_token": None,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    _write_special_tokens_map(out, specials)
+    here = Path(__file__).parent
+    for name, source in DREAM_REMOTE_MODULES.items():
+        (out / name).write_text((here / source).read_text())
