@@ -55,4 +55,6 @@ class DreamConfig(PretrainedConfig):
         self.max_window_layers = max_window_layers
         self.attention_dropout = attention_dropout
         self.mask_token_id = mask_token_id
-        super().__init__(pad_token_id=pad_token_id, tie_word_embeddings=tie_word_embeddings, **kwargs)
+        super().__init__(
+            pad_token_id=pad_token_id, tie_word_embeddings=tie_word_embeddings, **kwargs
+        )

@@ -107,9 +107,7 @@ class DreamTokenizer(PythonBackend):
         symbols = list(piece)
         while len(symbols) > 1:
             pairs = [
-                (self.ranks[pair], pair)
-                for pair in zip(symbols, symbols[1:])
-                if pair in self.ranks
+                (self.ranks[pair], pair) for pair in zip(symbols, symbols[1:]) if pair in self.ranks
             ]
             if not pairs:
                 break
