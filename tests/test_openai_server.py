@@ -329,6 +329,7 @@ def test_startup_log_states_the_settings(server):
     line = next(x for x in log.splitlines() if "vllm-focus: serving DreamModel" in x)
     assert "attention: Focus (FOCUS backend)" in line
     assert "block_length=16" in line and "dense_layers=1" in line and "num_sinks=2" in line
+    assert f"RoPE base 10000, maximum length {MAX_MODEL_LEN} (the config allows 8192)" in line
 
 
 def _scrape(base: str, model: str, prefix: str = "vllm_focus") -> dict[str, float]:

@@ -68,12 +68,14 @@ class MaskedDiffusionConfig(VerifyAndUpdateConfig):
 def _log_settings(vllm_config, settings, focus: bool) -> None:
     """One start-up line: the model, how it runs, and every diffusion setting in force."""
     model_config = vllm_config.model_config
+    hf_config = model_config.hf_config
     compilation = vllm_config.compilation_config
     compiled = not model_config.enforce_eager and compilation.mode != CompilationMode.NONE
     focus_knobs = {f.name for f in fields(FocusPlan)}
     values = {f.name: getattr(settings, f.name) for f in fields(settings)}
     logger.info(
         "vllm-focus: serving %s as a masked diffusion model; attention: %s; dtype %s; "
+        "RoPE base %s%s, maximum length %d (the config allows %s); "
         "torch.compile %s, CUDA graphs off (the diffusion runner does not replay them); "
         "token budget %d per engine step (max_num_batched_tokens >= max_model_len %d: a "
         "bidirectional refresh computes a whole request in one forward; refreshes that do not "
@@ -81,6 +83,10 @@ def _log_settings(vllm_config, settings, focus: bool) -> None:
         model_config.architecture,
         "Focus (FOCUS backend)" if focus else "dense",
         str(model_config.dtype).removeprefix("torch."),
+        f"{hf_config.rope_theta:g}",
+        _rope_scaling(hf_config),
+        model_config.max_model_len,
+        getattr(hf_config, "max_position_embeddings", "any length"),
         "on (vLLM's default)" if compiled else "off (enforce_eager)",
         vllm_config.scheduler_config.max_num_batched_tokens,
         model_config.max_model_len,
@@ -88,6 +94,14 @@ def _log_settings(vllm_config, settings, focus: bool) -> None:
         ", ".join(f"{k}={v}" for k, v in values.items() if k not in focus_knobs),
         ", ".join(f"{k}={v}" for k, v in values.items() if k in focus_knobs),
     )
+
+
+def _rope_scaling(hf_config) -> str:
+    parameters = getattr(hf_config, "rope_parameters", None) or {}
+    kind = parameters.get("rope_type", "default")
+    if kind == "default":
+        return ""
+    return f" ({kind} scaling, factor {parameters.get('factor')})"
 
 
 def install() -> None:

@@ -219,9 +219,9 @@ class ReferenceModel:
             allowed = None
             if focus is not None and n >= focus.dense_layers:
                 allowed = _focus_keys(q, keys, focus, sinks, total)
-            attn, probs = _attention(q, keys, values, allowed)
+            attn, mass = _attention(q, keys, values, allowed)
             if focus is not None and n == focus.dense_layers - 1:
-                sinks = _sinks(probs, focus)
+                sinks = _sinks(mass, focus)
             h = h + _linear(attn.reshape(-1, heads * d), layer["wo"])
             x = self._rms_norm(h, layer["mlp_norm"])
             gate = torch.nn.functional.silu(_linear(x, layer["w_gate"]))
@@ -253,21 +253,35 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     return out if bias is None else out + bias
 
 
+# Queries per chunk of the attention: [heads, rows, keys] scores stay within this many
+# elements (512 MB in float32), so a 32K-token forward fits in memory.
+ATTENTION_CHUNK_ELEMENTS = 1 << 27
+
+
 def _attention(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention over every key, or the `allowed` ones (bool [T]).
 
-    q [Q, H, D], keys/values [T, Hkv, D] -> output [Q, H, D] and probabilities [H, Q, T].
+    q [Q, H, D], keys/values [T, Hkv, D] -> output [Q, H, D] and the attention mass each key
+    receives, summed over heads and queries [T]. Long queries run in chunks of rows (each
+    row's softmax is whole either way).
     """
     group = q.shape[1] // keys.shape[1]
     keys = keys.repeat_interleave(group, dim=1)
     values = values.repeat_interleave(group, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q, keys) / math.sqrt(q.shape[-1])
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = scores.softmax(-1)
-    return torch.einsum("hqk,khd->qhd", probs, values), probs
+    rows = max(1, ATTENTION_CHUNK_ELEMENTS // (q.shape[1] * keys.shape[0]))
+    outputs, mass = [], None
+    for start in range(0, q.shape[0], rows):
+        chunk = q[start : start + rows]
+        scores = torch.einsum("qhd,khd->hqk", chunk, keys) / math.sqrt(q.shape[-1])
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        probs = scores.softmax(-1)
+        outputs.append(torch.einsum("hqk,khd->qhd", probs, values))
+        part = probs.sum((0, 1))
+        mass = part if mass is None else mass + part
+    return torch.cat(outputs), mass
 
 
 def _best(scores: torch.Tensor, count: int) -> list[int]:
@@ -277,10 +291,9 @@ def _best(scores: torch.Tensor, count: int) -> list[int]:
     return sorted(range(len(values)), key=lambda i: (-values[i], i))[:count]
 
 
-def _sinks(probs: torch.Tensor, focus: FocusForward) -> torch.Tensor:
+def _sinks(mass: torch.Tensor, focus: FocusForward) -> torch.Tensor:
     """The prompt keys receiving the most attention mass from the step's queries."""
-    mass = probs[:, :, : focus.prompt_len].sum((0, 1))
-    return torch.tensor(_best(mass, focus.num_sinks), dtype=torch.long)
+    return torch.tensor(_best(mass[: focus.prompt_len], focus.num_sinks), dtype=torch.long)
 
 
 def _focus_keys(

@@ -60,6 +60,19 @@ PRESETS: dict[str, TinyShape] = {
     "llada": TinyShape(
         "llada", hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=256
     ),
+    # UltraLLaDA: LLaDA-8B-Base taken to 128K context by an NTK-style rescaling of the RoPE
+    # base, so its config carries a far larger `rope_theta` and `max_sequence_length` (and no
+    # `rope_scaling`); LLaDA-8B has 500000 and 4096.
+    "ultrallada": TinyShape(
+        "llada",
+        hidden_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=4,
+        intermediate_size=256,
+        max_position_embeddings=131072,
+        rope_theta=1.0e8,
+    ),
 }
 
 
