@@ -17,6 +17,8 @@ CONFIDENCE_KINDS = ("low_confidence", "maskgit_plus", "entropy", "margin", "topk
 THRESHOLD_KINDS = ("low_confidence", "maskgit_plus", "margin", "topk_margin", "random")
 CACHE_MODES = ("none", "prefix", "dual")
 REFRESH_POLICIES = ("block", "prefill")
+# Sparse attention methods served under the FOCUS backend (docs/design.md §3).
+METHODS = ("focus", "sparse_dllm")
 MAX_BLOCK_LENGTH = 4096
 DREAM_EPS = 1e-3
 
@@ -49,6 +51,10 @@ class DiffusionSettings:
     keep_ratio: float = 0.1
     min_keep_tokens: int = 256
     min_prompt_len: int = 1024
+    # Which sparse method the FOCUS backend runs for the request; Sparse-dLLM's knobs.
+    method: str = "focus"
+    sparse_dllm_keep_ratio: float = 0.5
+    sparse_dllm_kernel: int = 3
 
     def __post_init__(self) -> None:
         _check_int("gen_length", self.gen_length, 1, None)
@@ -65,11 +71,31 @@ class DiffusionSettings:
         _check_int("prompt_block_size", self.prompt_block_size, 1, MAX_BLOCK_LENGTH)
         _check_int("min_keep_tokens", self.min_keep_tokens, 0, None)
         _check_int("min_prompt_len", self.min_prompt_len, 0, None)
-        ratio = self.keep_ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        _check_ratio("keep_ratio", self.keep_ratio)
+        _check_choice("method", self.method, METHODS)
+        _check_ratio("sparse_dllm_keep_ratio", self.sparse_dllm_keep_ratio)
+        _check_int("sparse_dllm_kernel", self.sparse_dllm_kernel, 1, MAX_BLOCK_LENGTH - 1)
+        if self.sparse_dllm_kernel % 2 == 0:
             raise SettingsError(
-                f"`keep_ratio` must be a number in (0, 1], got {ratio!r}", "keep_ratio"
+                f"`sparse_dllm_kernel` (the width of Sparse-dLLM's max-pool over the key "
+                f"scores) must be odd, got {self.sparse_dllm_kernel}",
+                "sparse_dllm_kernel",
             )
+        if self.method == "sparse_dllm":
+            # Sparse-dLLM's steps after a block's second one compute the block alone over the
+            # K/V kept from that step: the dual cache, refreshed at every block.
+            for name, value, allowed in (
+                ("cache", self.cache, "dual"),
+                ("refresh", self.refresh, "block"),
+            ):
+                if value != allowed:
+                    raise SettingsError(
+                        f"`method` 'sparse_dllm' keeps, at each block's second step, part of "
+                        f"every K/V outside the block and computes the block alone after that "
+                        f"(a dual cache refreshed at every block): `{name}` must be "
+                        f"{allowed!r} with it, got {value!r}",
+                        name,
+                    )
         if self.threshold is not None:
             value = self.threshold
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
@@ -99,10 +125,18 @@ class DiffusionSettings:
     def plan(self, family: str, max_tokens: int, focus: bool = False) -> DecodePlan:
         """Resolve the model defaults and the canvas size for one request.
 
-        `focus`: whether the server runs Focus attention; the plan then carries its knobs.
+        `focus`: whether the server runs the FOCUS backend; the plan then carries the knobs
+        of the request's `method` (Focus's, or Sparse-dLLM's).
         """
         if family not in ("dream", "llada"):
             raise SettingsError(f"unknown model family {family!r}")
+        if self.method != "focus" and not focus:
+            raise SettingsError(
+                f"`method` {self.method!r} runs in the FOCUS attention backend, which this "
+                "server does not use (start it with --attention-backend focus); allowed here: "
+                "'focus' (ignored by dense attention)",
+                "method",
+            )
         _check_int("max_tokens", max_tokens, 1, None)
         block = self.block_length
         gen = -(-min(max_tokens, self.gen_length) // block) * block
@@ -126,8 +160,12 @@ class DiffusionSettings:
             threshold=None if self.threshold is None else float(self.threshold),
             cache=self.cache,
             refresh=self.refresh,
-            focus=self.focus_plan() if focus else None,
+            focus=self.focus_plan() if focus and self.method == "focus" else None,
+            sparse_dllm=self.sparse_dllm_plan() if focus and self.method == "sparse_dllm" else None,
         )
+
+    def sparse_dllm_plan(self) -> SparseDllmPlan:
+        return SparseDllmPlan(float(self.sparse_dllm_keep_ratio), self.sparse_dllm_kernel)
 
     def focus_plan(self) -> FocusPlan:
         return FocusPlan(
@@ -168,6 +206,18 @@ class FocusPlan:
 
 
 @dataclass(frozen=True)
+class SparseDllmPlan:
+    """Sparse-dLLM's knobs for one request (docs/design.md §3, "Sparse-dLLM")."""
+
+    keep_ratio: float
+    kernel: int
+
+    def kept(self, total: int, block_length: int) -> int:
+        """Keys kept of the `total - block_length` outside the block: int(N x keep_ratio)."""
+        return int((total - block_length) * self.keep_ratio)
+
+
+@dataclass(frozen=True)
 class DecodePlan:
     """Everything the decoding loop of one request needs, resolved and validated."""
 
@@ -181,6 +231,21 @@ class DecodePlan:
     cache: str
     refresh: str
     focus: FocusPlan | None = None
+    sparse_dllm: SparseDllmPlan | None = None
+
+    def full_step(self, block_step: int) -> bool:
+        """Whether step `block_step` of a block computes every position: a block's first
+        step (a refresh, or every step without a cache), and Sparse-dLLM's second one."""
+        return (
+            self.cache == "none"
+            or block_step == 0
+            or (self.sparse_dllm is not None and block_step == 1)
+        )
+
+
+def _check_ratio(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise SettingsError(f"`{name}` must be a number in (0, 1], got {value!r}", name)
 
 
 def _default_confidence(schedule: str, threshold: float | None) -> str:

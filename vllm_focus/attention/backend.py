@@ -29,7 +29,7 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
 )
 
-from vllm_focus.attention import selection, triton_path
+from vllm_focus.attention import selection, sparse_dllm, triton_path
 from vllm_focus.attention.triton_path import uses_triton_path
 from vllm_focus.settings import FocusPlan
 
@@ -51,10 +51,15 @@ class FocusBatch:
     # Per request, prompt keys its queries attended, summed over the sparse layers (metrics),
     # counted on the device by the shared selection.
     sparse_prompt_keys_device: torch.Tensor | None = None
+    # Per request: its Sparse-dLLM part in this forward (None: not a Sparse-dLLM request, or
+    # a block's first step, which is dense).
+    sparse_dllm: list[sparse_dllm.SparseDllmStep | None] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.sinks:
             self.sinks = [None] * len(self.plans)
+        if not self.sparse_dllm:
+            self.sparse_dllm = [None] * len(self.plans)
 
     def add_device_prompt_keys(self, requests: list[int], counts: torch.Tensor) -> None:
         if self.sparse_prompt_keys_device is None:
@@ -325,16 +330,23 @@ class FocusAttentionImpl(AttentionImpl):
         wanted = self._sink_requests(index, meta)
         if uses_triton_path(q.device):
             triton_path.forward(
-                self, index, q, keys, values, meta, output[:count], wanted, _all_reduce
-            )
+                self, index, q, key[:count], keys, values, meta, output[:count], wanted,
+                _all_reduce,
+            )  # fmt: skip
             return output
         # Per request: every key (the compiled kernel over whole-sequence tiles in a within-block
         # step; CPU_ATTN's C++ kernel, or the torch path off its layout, for first forwards and
         # refreshes), every key with the sink scores (this is its last dense layer), or the
-        # pruned key set of a sparse layer (batched over the sparse requests).
+        # pruned key set of a sparse layer (batched over the sparse requests), or Sparse-dLLM's
+        # kept keys and the block.
         out = output[:count]
         sparse = self._sparse_requests(index, meta)
-        every = [r for r in range(len(meta.seq_lens_cpu)) if r not in sparse and r not in wanted]
+        kept = sparse_dllm.requests_in(meta, sparse_dllm.ATTEND)
+        every = [
+            r
+            for r in range(len(meta.seq_lens_cpu))
+            if r not in sparse and r not in wanted and r not in kept
+        ]
         quick = [r for r in every if _compiled_fits(q, keys, meta, [r])]
         rest = [r for r in every if r not in quick]
         if rest:
@@ -359,6 +371,11 @@ class FocusAttentionImpl(AttentionImpl):
         if sparse:
             tiles = self.selector.key_tiles(q, keys, self.scale, meta, sparse, _all_reduce)
             _tiled_cpu(q, keys, meta, sparse)(*args, tiles, starts, self.scale, out)
+        if kept:
+            tiles = sparse_dllm.attend_tiles(meta, kept, index, q.device)
+            _tiled_cpu(q, keys, meta, kept)(*args, tiles, starts, self.scale, out)
+        if selecting := sparse_dllm.requests_in(meta, sparse_dllm.SELECT):
+            sparse_dllm.select(q, key[:count], meta, selecting, index, _all_reduce)
         return output
 
     def _every_key(self, q, keys, values, meta, out, requests) -> None:

@@ -30,7 +30,7 @@ from functools import cache
 
 import torch
 
-from vllm_focus.attention import selection
+from vllm_focus.attention import selection, sparse_dllm
 
 SWITCH = "VLLM_FOCUS_TRITON"
 OPS = "vllm.v1.attention.ops.triton_unified_attention"
@@ -169,8 +169,11 @@ def attend_and_find_sinks(q, keys, values, scale, meta, wanted, out, all_reduce)
     selection.keep_sinks(batch, wanted, all_reduce(scores))
 
 
-def forward(impl, index: int, q, keys, values, meta, out, wanted: list[int], all_reduce) -> None:
-    """One layer on the Triton path (see the module docstring)."""
+def forward(
+    impl, index: int, q, key, keys, values, meta, out, wanted: list[int], all_reduce
+) -> None:
+    """One layer on the Triton path (see the module docstring); `key`: the forward's fresh
+    keys (Sparse-dLLM's selection reads them)."""
     from vllm_focus.kernels.sparse_attention import tiled_sparse_attention
 
     batch = meta.focus
@@ -182,7 +185,8 @@ def forward(impl, index: int, q, keys, values, meta, out, wanted: list[int], all
             for r, plan in enumerate(batch.plans)
             if plan is not None and index >= plan.dense_layers
         ]
-    dense = [r for r in range(num_reqs) if r not in sparse and r not in wanted]
+    kept = sparse_dllm.requests_in(meta, sparse_dllm.ATTEND)
+    dense = [r for r in range(num_reqs) if r not in sparse and r not in wanted and r not in kept]
     if dense:
         dense_attention(q, keys, values, impl.scale, dense_subset(meta, dense), out)
     if wanted:
@@ -192,3 +196,10 @@ def forward(impl, index: int, q, keys, values, meta, out, wanted: list[int], all
         tiled_sparse_attention(
             q, keys, values, meta.block_table, meta.query_start_loc, tiles, impl.scale, out
         )
+    if kept:
+        tiles = sparse_dllm.attend_tiles(meta, kept, index, q.device)
+        tiled_sparse_attention(
+            q, keys, values, meta.block_table, meta.query_start_loc, tiles, impl.scale, out
+        )
+    if selecting := sparse_dllm.requests_in(meta, sparse_dllm.SELECT):
+        sparse_dllm.select(q, key, meta, selecting, index, all_reduce)

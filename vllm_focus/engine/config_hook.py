@@ -26,7 +26,7 @@ from vllm_focus import MODEL_CLASSES
 from vllm_focus.attention.backend import focus_requested
 from vllm_focus.engine import metrics, startup
 from vllm_focus.engine.settings import CONFIG_KEY, server_settings
-from vllm_focus.settings import FocusPlan
+from vllm_focus.settings import FocusPlan, SettingsError
 
 # Under vLLM's logger so that its handler and format (and VLLM_LOGGING_LEVEL) apply.
 logger = init_logger(f"vllm.{__name__}")
@@ -40,6 +40,11 @@ class MaskedDiffusionConfig(VerifyAndUpdateConfig):
     def verify_and_update_config(vllm_config) -> None:
         settings = server_settings(vllm_config)
         focus = focus_requested(vllm_config)
+        if settings.method != "focus" and not focus:
+            raise SettingsError(
+                f"additional_config[{CONFIG_KEY!r}]: `method` {settings.method!r} runs in the "
+                "FOCUS attention backend: add --attention-backend focus, or drop `method`"
+            )
         startup.check_options(vllm_config)
         startup.check_attention(vllm_config, focus)
         cache = vllm_config.cache_config

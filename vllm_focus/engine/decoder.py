@@ -47,6 +47,10 @@ class RequestState:
         self.indicator = torch.full((plan.block_length,), float("-inf"), dtype=torch.float64)
         self.focus_step: FocusStep | None = None  # this step's F, candidates and query
         self.prompt_version = 0  # bumped by the runner at each step that writes prompt K/V
+        # Sparse-dLLM: per layer index, the key positions kept at the block's second step
+        # (on the device; written by the FOCUS backend's layers, read by later steps).
+        self.sparse_dllm = plan.sparse_dllm
+        self.kept_keys: dict[int, torch.Tensor] = {}
 
     @property
     def total_len(self) -> int:
@@ -68,6 +72,19 @@ class RequestState:
     def is_refresh(self) -> bool:
         return self.block_step == 0
 
+    @property
+    def is_full(self) -> bool:
+        """This step computes every position (a refresh, or Sparse-dLLM's second step)."""
+        return self.plan.full_step(self.block_step)
+
+    def sparse_dllm_mode(self) -> str | None:
+        """Sparse-dLLM's part in this step: 'select' (the block's second step: every layer
+        keeps its top keys outside the block), 'attend' (later steps: the block's queries
+        attend the kept keys and the block), None (a first step, or another method)."""
+        if self.sparse_dllm is None or self.block_step == 0:
+            return None
+        return "select" if self.block_step == 1 else "attend"
+
     def query(self) -> torch.Tensor:
         """Positions this step computes (ascending)."""
         plan, total = self.plan, self.total_len
@@ -87,7 +104,7 @@ class RequestState:
                 tail_from=end if plan.cache == "prefix" else None,
             )
             return self.focus_step.query
-        span = step_span(plan, self.prompt_len, self.block, self.is_refresh)
+        span = step_span(plan, self.prompt_len, self.block, self.is_full)
         return torch.arange(span.start, span.stop)
 
     def fresh(self, query: torch.Tensor) -> torch.Tensor:
@@ -138,6 +155,7 @@ class RequestState:
         self.block += 1
         self.block_step = 0
         self.indicator.fill_(float("-inf"))
+        self.kept_keys.clear()
         return tokens
 
     def _propose(self, positions: torch.Tensor, logits_of, start: int):

@@ -21,6 +21,7 @@ from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 
 from vllm_focus.attention.backend import FocusBatch, FocusMetadata, focus_requested
+from vllm_focus.attention.sparse_dllm import SparseDllmStep
 from vllm_focus.engine.decoder import RequestState
 from vllm_focus.engine.settings import resolve_plan, server_settings
 from vllm_focus.engine.stats import StepRecord, StepStats
@@ -43,6 +44,19 @@ class _Slots:
     def of(self, positions: torch.Tensor) -> torch.Tensor:
         blocks = self.block_ids[positions // self.block_size].to(torch.int64)
         return blocks * self.block_size + positions % self.block_size
+
+
+def _sparse_dllm_step(state: RequestState, mode: str | None) -> SparseDllmStep | None:
+    """The request's Sparse-dLLM part in this forward, positions as its query holds them (a
+    SELECT step's query is every position, an ATTEND step's the block)."""
+    if mode is None:
+        return None
+    plan = state.plan
+    start = state.prompt_len + state.block * plan.block_length
+    keep = state.sparse_dllm.kept(state.total_len, plan.block_length)
+    return SparseDllmStep(
+        mode, start, start + plan.block_length, keep, state.sparse_dllm.kernel, state.kept_keys
+    )
 
 
 class DiffusionRunnerMixin:
@@ -97,7 +111,7 @@ class DiffusionRunnerMixin:
         if not req_ids:
             return EMPTY_MODEL_RUNNER_OUTPUT
         states = [self._diffusion_states[r] for r in req_ids]
-        refresh = any(state.is_refresh or state.plan.cache == "none" for state in states)
+        refresh = any(state.is_full for state in states)
         queries = [state.query() for state in states]
         model_started = time.perf_counter()
         hidden, focus = self._forward(req_ids, states, queries)
@@ -211,22 +225,26 @@ class DiffusionRunnerMixin:
 
     @staticmethod
     def _focus_batch(req_ids, states, queries, device) -> FocusBatch | None:
-        """What the FOCUS backend's layers need about this step's Focus requests."""
-        if all(state.focus_step is None for state in states):
+        """What the FOCUS backend's layers need about this step's Focus and Sparse-dLLM
+        requests."""
+        modes = [state.sparse_dllm_mode() for state in states]
+        if all(state.focus_step is None for state in states) and not any(modes):
             return None
-        rows, owners, offset = [], [], 0
+        rows, owners, offset = [torch.empty(0, dtype=torch.int64)], [], 0
         for r, (state, query) in enumerate(zip(states, queries)):
             if state.focus_step is not None:
                 local = torch.searchsorted(query, state.focus_step.focus)
                 rows.append(local + offset)
                 owners.append(torch.full_like(local, r))
             offset += query.numel()
+        owners = torch.cat(owners) if owners else torch.empty(0, dtype=torch.int64)
         return FocusBatch(
             plans=[None if s.focus_step is None else s.focus for s in states],
             prompt_lens=[s.prompt_len for s in states],
             focus_rows=torch.cat(rows).to(device),
-            focus_req=torch.cat(owners).to(torch.int32).to(device),
+            focus_req=owners.to(torch.int32).to(device),
             prompt_keys=[(r, s.prompt_version) for r, s in zip(req_ids, states)],
+            sparse_dllm=[_sparse_dllm_step(s, mode) for s, mode in zip(states, modes)],
         )
 
     def _diffusion_attn_groups(self):

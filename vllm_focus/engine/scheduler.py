@@ -48,13 +48,16 @@ class _Progress:
     prompt_len: int
     focus: bool  # its within-block steps run Focus
     block: int = 0
-    block_start: bool = True
+    block_step: int = 0  # steps taken in the current block
     held: int = 0  # engine steps its due refresh waited for budget
 
+    @property
+    def block_start(self) -> bool:
+        return self.block_step == 0
+
     def cost(self, shift: int) -> int:
-        return step_token_bound(
-            self.plan, self.prompt_len, self.block, self.block_start, self.focus, shift
-        )
+        full = self.plan.full_step(self.block_step)
+        return step_token_bound(self.plan, self.prompt_len, self.block, full, self.focus, shift)
 
 
 class MaskedDiffusionScheduler(Scheduler):
@@ -187,8 +190,8 @@ class MaskedDiffusionScheduler(Scheduler):
         for req_id, count in committed.items():
             progress = self.progress.get(req_id)
             if progress is not None:
-                progress.block_start = count > 0
-                if progress.block_start:
+                progress.block_step = 0 if count > 0 else progress.block_step + 1
+                if count > 0:
                     progress.block += 1
         step = getattr(model_runner_output, "diffusion_step", None)
         if step is not None or committed:

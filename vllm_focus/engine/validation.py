@@ -17,6 +17,7 @@ from vllm.exceptions import VLLMValidationError
 from vllm.v1.engine.input_processor import InputProcessor
 
 from vllm_focus import MODEL_CLASSES
+from vllm_focus.attention.backend import focus_requested
 from vllm_focus.engine.settings import resolve_plan, server_settings
 from vllm_focus.model_executor.models.layout import family_of
 from vllm_focus.settings import SettingsError
@@ -111,7 +112,10 @@ def check_request(vllm_config, sampling_params, prompt_token_ids) -> None:
     prompt_len = len(prompt_token_ids)
     try:
         plan = resolve_plan(
-            server_settings(vllm_config), family_of(model_config.hf_config), sampling_params
+            server_settings(vllm_config),
+            family_of(model_config.hf_config),
+            sampling_params,
+            focus=focus_requested(vllm_config),
         )
     except SettingsError as err:
         raise VLLMValidationError(str(err), parameter=err.field) from None

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_focus.policy import propose, recomputed_end, select, step_count
-from vllm_focus.reference.model import FocusForward, KVCache, ReferenceModel
+from vllm_focus.reference.model import FocusForward, KVCache, ReferenceModel, SparseDllmForward
 from vllm_focus.settings import DecodePlan, DiffusionSettings
 
 
@@ -122,12 +122,15 @@ class RequestDecoder:
             focus = None
         # Past-confidence indicator: per block offset, the confidence last computed there.
         indicator = torch.full((plan.block_length,), float("-inf"), dtype=torch.float64)
+        kept: list[torch.Tensor] = []  # Sparse-dLLM: per layer, the keys its second step kept
         i = 0
         while self._masked(start, end).numel() and (plan.threshold or i < plan.steps_per_block):
             masked = self._masked(start, end)
             count = step_count(plan, masked.numel(), i)
             candidates = masked
-            if focus is not None and i > 0:
+            if plan.sparse_dllm is not None and i > 0:
+                logits_of = self._forward_sparse_dllm(block, i, kept)
+            elif focus is not None and i > 0:
                 step = _focus_positions(
                     indicator,
                     masked.tolist(),
@@ -208,6 +211,25 @@ class RequestDecoder:
             self.cache.write(written, _rows(fresh, query, written))
         if refresh and self.model.logits_shift:
             self.first_row = logits[int(torch.searchsorted(query, start - 1))]
+        return self._logits_of(query, logits)
+
+    def _forward_sparse_dllm(self, block: int, i: int, kept: list[torch.Tensor]):
+        """Sparse-dLLM's steps after a block's first: the second is a full forward (its K/V
+        all stored) in which every layer finds the keys it keeps, into `kept`; later ones
+        compute the block alone, its queries attending those keys and the block."""
+        start, end = self._block_range(block)
+        rule = self.plan.sparse_dllm
+        spec = SparseDllmForward(start, end, rule.keep_ratio, rule.kernel)
+        if i == 1:
+            query = torch.arange(self.x.numel())
+            logits, fresh = self.model.forward(self.x, query, None, sparse_dllm=spec)
+            kept[:] = spec.found
+            self.cache.write(query, fresh)
+        else:
+            query = torch.arange(start, end)
+            spec.kept = kept
+            logits, fresh = self.model.forward(self.x, query, self.cache, sparse_dllm=spec)
+            self.cache.write(query, fresh)
         return self._logits_of(query, logits)
 
     def _forward_focus(self, block: int, step: _FocusPositions):

@@ -135,6 +135,20 @@ class FocusForward:
     kept_blocks: int
 
 
+@dataclass
+class SparseDllmForward:
+    """Sparse-dLLM's part in a forward (README, "Sparse-dLLM"): with `kept` None, the block's
+    second step, a full forward after which every layer's kept keys are in `found`; with
+    `kept`, a later step whose block queries attend, per layer, those keys and the block."""
+
+    start: int  # the block is [start, end)
+    end: int
+    keep_ratio: float
+    kernel: int
+    kept: list[torch.Tensor] | None = None
+    found: list[torch.Tensor] | None = None
+
+
 class ReferenceModel:
     def __init__(self, model_dir: str | Path, dtype: torch.dtype = torch.float32) -> None:
         model_dir = Path(model_dir)
@@ -184,13 +198,15 @@ class ReferenceModel:
         query: torch.Tensor | None = None,
         cache: KVCache | None = None,
         focus: FocusForward | None = None,
+        sparse_dllm: SparseDllmForward | None = None,
     ) -> tuple[torch.Tensor, KVCache]:
         """Logits [Q, vocab] of the `query` positions of `ids` [T], and their fresh K/V.
 
         Keys/values of positions outside `query` are read from `cache` (required unless the
         query covers every position). Every query attends to every key (no mask), unless
         `focus` is given: then only rows marked fresh replace cached K/V, and layers from
-        `dense_layers` on attend to the kept prompt blocks, the sinks and the response.
+        `dense_layers` on attend to the kept prompt blocks, the sinks and the response; or
+        `sparse_dllm`, which either finds each layer's kept keys or attends them.
         """
         total = ids.shape[0]
         query = torch.arange(total) if query is None else query
@@ -219,6 +235,14 @@ class ReferenceModel:
             allowed = None
             if focus is not None and n >= focus.dense_layers:
                 allowed = _focus_keys(q, keys, focus, sinks, total)
+            if sparse_dllm is not None and sparse_dllm.kept is None:
+                sparse_dllm.found = (sparse_dllm.found or []) + [
+                    _sparse_dllm_keep(q, keys, sparse_dllm)
+                ]
+            elif sparse_dllm is not None:
+                allowed = torch.zeros(total, dtype=torch.bool)
+                allowed[sparse_dllm.kept[n]] = True
+                allowed[sparse_dllm.start : sparse_dllm.end] = True
             attn, mass = _attention(q, keys, values, allowed)
             if focus is not None and n == focus.dense_layers - 1:
                 sinks = _sinks(mass, focus)
@@ -315,3 +339,24 @@ def _focus_keys(
     allowed[sinks] = True
     allowed[length:] = True
     return allowed
+
+
+def _sparse_dllm_keep(q: torch.Tensor, keys: torch.Tensor, rule: SparseDllmForward) -> torch.Tensor:
+    """Sparse-dLLM's kept keys at one layer of a full forward (q: every position, in order):
+    each position outside the block scored by the block queries' mean dotted with its key,
+    averaged over heads; max-pooled over the outside positions in order, -inf beyond the
+    ends; the top int(N x keep_ratio), ties to the lower position. Ascending positions."""
+    total = keys.shape[0]
+    group = q.shape[1] // keys.shape[1]
+    outside = torch.cat([torch.arange(rule.start), torch.arange(rule.end, total)])
+    mean_query = q[rule.start : rule.end].float().mean(0)  # [H, D]
+    outside_keys = keys[outside].float().repeat_interleave(group, dim=1)  # [N, H, D]
+    importance = (outside_keys * mean_query).sum(-1).mean(-1)  # [N]
+    half = rule.kernel // 2
+    padded = torch.cat(
+        [torch.full((half,), float("-inf")), importance, torch.full((half,), float("-inf"))]
+    )
+    count = importance.numel()
+    pooled = torch.stack([padded[j : j + count] for j in range(rule.kernel)]).max(0).values
+    keep = int(count * rule.keep_ratio)
+    return outside[sorted(_best(pooled, keep))]

@@ -1,0 +1,102 @@
+"""Sparse-dLLM (arXiv 2508.02558) inside the FOCUS backend: per block, every layer keeps part of
+the K/V outside the block once, and the block's later steps attend only those and the block.
+
+The rule, as OpenMOSS/Sparse-dLLM states it (read at commit 3fd8986, `llada_generate.py`,
+`modeling_llada.py: CustomCache.filter_cache`, and the same in `dream/Cache.py`; README,
+"Sparse-dLLM"): a block's first two steps are full forwards. At the second, each layer scores
+every position outside the block by the block queries' mean dotted with its key (raw dot
+product, no softmax, no 1/sqrt(d)), averaged over query heads (a query head reads its KV head),
+max-pooled over the outside positions in order (width `kernel`, stride 1), and keeps the top
+int(N x keep_ratio) of the N; one set per layer, shared by its KV heads. From the third step on
+the block's queries attend the kept keys (their K/V as the second step wrote them) and the
+block's own fresh K/V.
+
+Here a score is the sum over the block's queries and heads instead of their mean (a positive
+factor: the same order), all-reduced over tensor-parallel ranks; ties go to the lower position
+(`selection.top_ranked`; torch.topk leaves them to the device, and max-pooling makes many).
+The kept positions stay on the device, per layer, in the request's state; the attention runs on
+the tiled kernels (point tiles for the kept keys, a range for the block) of either path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from vllm_focus.attention.selection import top_ranked
+from vllm_focus.kernels.sparse_attention import KeyTiles, key_tiles
+
+SELECT, ATTEND = "select", "attend"
+
+
+@dataclass
+class SparseDllmStep:
+    """One request's Sparse-dLLM part in one forward."""
+
+    mode: str  # SELECT (the block's second step) or ATTEND (a later one)
+    start: int  # the block is [start, end)
+    end: int
+    keep: int  # keys kept outside the block
+    kernel: int  # max-pool width
+    kept: dict[int, torch.Tensor]  # layer index -> kept positions [keep] int32, on the device
+
+
+def requests_in(meta, mode: str) -> list[int]:
+    """The forward's requests in Sparse-dLLM's `mode`."""
+    batch = meta.focus
+    if batch is None:
+        return []
+    return [r for r, step in enumerate(batch.sparse_dllm) if step is not None and step.mode == mode]
+
+
+def select(q: torch.Tensor, key: torch.Tensor, meta, requests: list[int], index: int, all_reduce):
+    """At layer `index`, each SELECT request (its query: every position, in order) keeps its
+    top keys outside the block; `key` holds this forward's fresh keys, row for row as `q`."""
+    batch = meta.focus
+    starts = meta.query_start_loc_cpu
+    num_kv_heads, head_dim = key.shape[1], key.shape[2]
+    width = max(starts[r + 1] - starts[r] for r in requests)
+    scores = torch.zeros(len(requests), width, dtype=torch.float32, device=q.device)
+    for row, r in enumerate(requests):
+        step, base = batch.sparse_dllm[r], starts[r]
+        block = q[base + step.start : base + step.end].float()
+        summed = block.reshape(block.shape[0], num_kv_heads, -1, head_dim).sum((0, 2))
+        keys = key[base : starts[r + 1]].float()
+        scores[row, : keys.shape[0]] = torch.einsum("tkd,kd->t", keys, summed)
+    scores = all_reduce(scores)
+    for row, r in enumerate(requests):
+        step, total = batch.sparse_dllm[r], starts[r + 1] - starts[r]
+        outside = torch.cat(
+            [
+                torch.arange(step.start, device=q.device),
+                torch.arange(step.end, total, device=q.device),
+            ]
+        )
+        pooled = F.max_pool1d(
+            scores[row, outside][None, None],
+            kernel_size=step.kernel,
+            stride=1,
+            padding=step.kernel // 2,
+        )[0, 0]
+        chosen = top_ranked(pooled[None], step.keep)[0]
+        step.kept[index] = outside[chosen].to(torch.int32)
+
+
+def attend_tiles(meta, requests: list[int], index: int, device) -> KeyTiles:
+    """The ATTEND requests' key sets at layer `index`: the block as a range, the kept keys as
+    points. The layout is the host's, built once per forward; the points are the layer's."""
+    batch = meta.focus
+    key = ("sparse_dllm", tuple(requests))
+    layout = meta.step_cache.get(key)
+    if layout is None:
+        per_request = []
+        for r in requests:
+            step = batch.sparse_dllm[r]
+            per_request.append((r, [(step.start, step.end)], [-1] * step.keep))
+        layout = meta.step_cache[key] = key_tiles(per_request, meta.query_start_loc_cpu, device)
+    points = [batch.sparse_dllm[r].kept[index] for r in requests]
+    if not sum(p.numel() for p in points):
+        return layout
+    return replace(layout, points=torch.cat(points))
