@@ -36,6 +36,8 @@ METHODS = {
     "dual": (False, {"cache": "dual", "refresh": "block"}),
     "focus": (True, {"cache": "dual", "refresh": "block"}),
     "focus-prefill": (True, {"cache": "dual", "refresh": "prefill"}),
+    # Sparse-dLLM at its published defaults (README, "Sparse-dLLM").
+    "sparse-dllm": (True, {"cache": "dual", "refresh": "block", "method": "sparse_dllm"}),
 }
 
 

@@ -38,6 +38,8 @@ METHODS = {
     "dual": (False, {"cache": "dual", "refresh": "block"}),
     "focus": (True, {"cache": "dual", "refresh": "block"}),
     "focus-prefill": (True, {"cache": "dual", "refresh": "prefill"}),
+    # Sparse-dLLM at its published defaults (README, "Sparse-dLLM").
+    "sparse-dllm": (True, {"cache": "dual", "refresh": "block", "method": "sparse_dllm"}),
     # Ablation: a kept-prompt budget of one 64-token block (and no sinks) instead of the
     # default max(10% of the prompt, 256 tokens) + 16 sinks.
     "focus-1block": (
@@ -104,7 +106,7 @@ def plot(result: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     # Methods at the same accuracy overlap: shrinking markers keep each one visible.
-    for size, method in zip((13, 10, 7, 4, 4), METHODS):
+    for size, method in zip((14, 11, 8, 6, 4, 3), METHODS):
         rows = [r for r in result["runs"] if r["method"] == method]
         if rows:
             ax.plot(

@@ -94,6 +94,13 @@ METHODS = [
     Method(
         "focus-prefill", "focus", {"cache": "dual", "refresh": "prefill"}, baseline="dual-prefill"
     ),
+    # Sparse-dLLM at its published defaults (keep half the keys outside the block).
+    Method(
+        "sparse-dllm",
+        "focus",
+        {"cache": "dual", "refresh": "block", "method": "sparse_dllm"},
+        baseline="dual",
+    ),
 ]
 REFERENCES = ("vanilla", "dual", "dual-prefill")
 
@@ -178,7 +185,10 @@ def step_cost(method: Method, spec: dict, layers: int, weights: dict, prompt_len
     head_dim = spec["hidden_size"] // spec["num_heads"]
     kv_row = spec["num_kv_heads"] * head_dim * 2 * 4  # K and V of one position, float32
     dense_keys = prompt_len + args.gen
-    if method.engine == "focus":
+    if method.settings.get("method") == "sparse_dllm":
+        plan = DiffusionSettings().sparse_dllm_plan()
+        per_layer = [plan.kept(dense_keys, args.block) + args.block] * layers
+    elif method.engine == "focus":
         plan = DiffusionSettings().focus_plan()
         kept = min(prompt_len, plan.kept_blocks(prompt_len) * plan.prompt_block_size)
         sparse_keys = min(prompt_len, kept + plan.num_sinks) + args.gen

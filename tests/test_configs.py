@@ -213,6 +213,8 @@ def test_bad_config_fails_vllm_startup_with_the_key(tiny_dirs, tmp_path):
         ({"blocklen": 8}, "unknown diffusion setting(s) ['blocklen']"),
         ({"block_length": "8"}, "`block_length` must be an integer in [1, 4096], got '8'"),
         ({"keep_ratio": 2}, "`keep_ratio` must be a number in (0, 1]"),
+        ({"method": "sparse_dllm"}, "`method` 'sparse_dllm' runs in the FOCUS attention backend"),
+        ({"method": "sparse_dllm", "cache": "prefix"}, "`cache` must be 'dual' with it"),
         ([8], "must be an object"),
     ],
 )

@@ -1,8 +1,10 @@
-"""`LLM(..., attention_backend="focus")` equals the reference decoder's Focus, token for token.
+"""`LLM(..., attention_backend="focus")` equals the reference decoder's Focus and Sparse-dLLM,
+token for token.
 
 One engine per model family (float32, tiny checkpoints with 4 layers, so the default 2 dense
 layers leave 2 sparse ones), running the FOCUS backend. Batches mix
-prompts above and below `min_prompt_len` (Focus and dense requests in one forward). The sparse
+prompts above and below `min_prompt_len` (Focus and dense requests in one forward), and Focus
+and Sparse-dLLM requests. The sparse
 settings keep a few prompt blocks of a few hundred tokens, so the pruning changes the output:
 each case first checks that the reference tells pruned and unpruned Focus apart.
 """
@@ -30,6 +32,9 @@ SPARSE = {
     "num_sinks": 4,
 }
 UNPRUNED = {"keep_ratio": 1.0, "num_sinks": 100_000}
+# Sparse-dLLM keeping a tenth of the keys outside the block (its default is half).
+SPARSE_DLLM = {"gen_length": 64, "block_length": 16, "method": "sparse_dllm"}
+SPARSE_DLLM_PRUNED = {**SPARSE_DLLM, "sparse_dllm_keep_ratio": 0.1}
 
 
 @pytest.fixture(scope="module", params=["dream", "llada"])
@@ -62,11 +67,13 @@ def _prompts(reference: ReferenceModel) -> list[list[int]]:
 
 
 def _generate(llm, prompts, settings, temperature=0.0, seed=None):
+    """`settings`: one dict for every prompt, or a list of one per prompt."""
     from vllm import SamplingParams
 
+    per_prompt = settings if isinstance(settings, list) else [settings] * len(prompts)
     params = [
-        SamplingParams(temperature=temperature, seed=seed, max_tokens=m, extra_args=settings)
-        for m in MAX_TOKENS
+        SamplingParams(temperature=temperature, seed=seed, max_tokens=m, extra_args=each)
+        for m, each in zip(MAX_TOKENS, per_prompt)
     ]
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outputs]
@@ -135,6 +142,13 @@ def _mutate(worker, name: str, restore: bool) -> None:
 
     if name == "kept blocks and sinks":
         module, attribute, broken = selection, "rank", _worst_first
+    elif name == "sparse_dllm kept keys":
+        from vllm_focus.attention import sparse_dllm
+
+        def broken(scores, k):  # the lowest-scoring keys instead of the highest
+            return original(-scores, k)
+
+        module, attribute = sparse_dllm, "top_ranked"
     else:  # the focus set F: the least confident masked positions
 
         def broken(indicator, *args, **kwargs):
@@ -152,6 +166,10 @@ def _mutate(worker, name: str, restore: bool) -> None:
 
 @pytest.mark.parametrize("mutation", ["kept blocks and sinks", "focus set"])
 def test_a_broken_selection_is_caught(engine, mutation):
+    _check_mutation_is_caught(engine, mutation, SPARSE)
+
+
+def _check_mutation_is_caught(engine, mutation, settings):
     """The reference decoder states Focus's selection itself, so a wrong decision in the
     engine's selection shows up as different tokens, not only a wrong plumbing."""
     import sys
@@ -162,11 +180,47 @@ def test_a_broken_selection_is_caught(engine, mutation):
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     llm, reference = engine
     prompts = _prompts(reference)
-    want = _reference(reference, prompts, SPARSE)
+    want = _reference(reference, prompts, settings)
     llm.collective_rpc(_mutate, args=(mutation, False))
     try:
-        mutated = _generate(llm, prompts, SPARSE)
+        mutated = _generate(llm, prompts, settings)
     finally:
         llm.collective_rpc(_mutate, args=(mutation, True))
     assert mutated != want
-    assert _generate(llm, prompts, SPARSE) == want  # and the engine is whole again
+    assert _generate(llm, prompts, settings) == want  # and the engine is whole again
+
+
+# One batch, every method: Sparse-dLLM (pruned hard, and at its defaults), Focus, and the
+# 20-token prompt under Focus's settings, below its min_prompt_len (so dense dual).
+MIXED = [SPARSE_DLLM_PRUNED, SPARSE, SPARSE_DLLM, SPARSE]
+
+
+def _reference_each(reference, prompts, per_prompt, temperature=0.0, seed=None):
+    return [
+        served_outputs(reference, [p], DiffusionSettings(**s), [m], temperature, seed, focus=True)[
+            0
+        ]
+        for p, s, m in zip(prompts, per_prompt, MAX_TOKENS)
+    ]
+
+
+def test_sparse_dllm_in_a_mixed_batch_matches_reference(engine):
+    """Sparse-dLLM and Focus requests in one forward, each as the reference states its rule;
+    the case is discriminating: keeping every key outside the block changes the tokens."""
+    llm, reference = engine
+    prompts = _prompts(reference)
+    want = _reference_each(reference, prompts, MIXED)
+    unpruned = {**SPARSE_DLLM, "sparse_dllm_keep_ratio": 1.0}
+    assert want[:1] != _reference_each(reference, prompts[:1], [unpruned])
+    assert _generate(llm, prompts, MIXED) == want
+
+
+def test_sparse_dllm_sampling_matches_reference(engine):
+    llm, reference = engine
+    prompts = _prompts(reference)
+    want = _reference_each(reference, prompts, MIXED, temperature=0.8, seed=5)
+    assert _generate(llm, prompts, MIXED, temperature=0.8, seed=5) == want
+
+
+def test_a_broken_sparse_dllm_selection_is_caught(engine):
+    _check_mutation_is_caught(engine, "sparse_dllm kept keys", SPARSE_DLLM_PRUNED)

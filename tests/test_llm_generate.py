@@ -177,7 +177,12 @@ def test_abort_frees_kv_blocks(engine):
 
 @pytest.mark.parametrize(
     "extra, field",
-    [({"block_length": 0}, "block_length"), ({"threshold": 1.5}, "threshold"), ({"x": 1}, "x")],
+    [
+        ({"block_length": 0}, "block_length"),
+        ({"threshold": 1.5}, "threshold"),
+        ({"x": 1}, "x"),
+        ({"method": "sparse_dllm"}, "method"),  # a FOCUS-backend method on a dense engine
+    ],
 )
 def test_bad_request_settings_raise_before_the_engine(engine, extra, field):
     from vllm import SamplingParams

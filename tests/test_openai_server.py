@@ -109,6 +109,21 @@ def test_per_request_settings_through_vllm_xargs(client, server, reference):
     assert choice.token_ids == _expected(reference, choice.prompt_token_ids, 24, **xargs)[0]
 
 
+def test_sparse_dllm_through_vllm_xargs(client, server, reference):
+    """A per-request method: Sparse-dLLM on the Focus server, as the reference decodes it."""
+    _, model_dir, _ = server
+    xargs = {"method": "sparse_dllm", "sparse_dllm_keep_ratio": 0.25}
+    response = client.completions.create(
+        model=model_dir,
+        prompt=PROMPT,
+        max_tokens=48,
+        temperature=0,
+        extra_body={"return_token_ids": True, "vllm_xargs": xargs},
+    )
+    choice = response.choices[0]
+    assert choice.token_ids == _expected(reference, choice.prompt_token_ids, 48, **xargs)[0]
+
+
 def test_streaming_delivers_committed_blocks(client, server):
     _, model_dir, _ = server
     kwargs = dict(
@@ -177,6 +192,12 @@ BAD_REQUESTS = [
     ({"extra_body": {"vllm_xargs": {"min_keep_tokens": -1}}}, "min_keep_tokens"),
     ({"extra_body": {"vllm_xargs": {"min_prompt_len": "long"}}}, "min_prompt_len"),
     ({"extra_body": {"vllm_xargs": {"blocksize": 8}}}, "blocksize"),
+    # Methods: unknown, a combination that makes no sense, their knobs.
+    ({"extra_body": {"vllm_xargs": {"method": "quest"}}}, "method"),
+    ({"extra_body": {"vllm_xargs": {"method": "sparse_dllm", "cache": "prefix"}}}, "cache"),
+    ({"extra_body": {"vllm_xargs": {"method": "sparse_dllm", "refresh": "prefill"}}}, "refresh"),
+    ({"extra_body": {"vllm_xargs": {"sparse_dllm_kernel": 4}}}, "sparse_dllm_kernel"),
+    ({"extra_body": {"vllm_xargs": {"sparse_dllm_keep_ratio": 0}}}, "sparse_dllm_keep_ratio"),
     # max_tokens.
     ({"max_tokens": 0}, "max_tokens"),
     ({"max_tokens": -1}, "max_tokens"),

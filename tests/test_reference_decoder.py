@@ -156,6 +156,17 @@ def test_sampling_is_a_function_of_the_seed(references):
         (dict(keep_ratio=True), "`keep_ratio` must be a number in (0, 1], got True"),
         (dict(min_keep_tokens=-5), "`min_keep_tokens` must be an integer >= 0, got -5"),
         (dict(min_prompt_len="long"), "`min_prompt_len` must be an integer >= 0, got 'long'"),
+        (dict(method="quest"), "`method` must be one of ['focus', 'sparse_dllm'], got 'quest'"),
+        (
+            dict(method="sparse_dllm", cache="prefix"),
+            "`cache` must be 'dual' with it, got 'prefix'",
+        ),
+        (dict(method="sparse_dllm", refresh="prefill"), "`refresh` must be 'block' with it"),
+        (dict(sparse_dllm_kernel=2), "`sparse_dllm_kernel` (the width of Sparse-dLLM's max-pool"),
+        (dict(sparse_dllm_kernel=0), "`sparse_dllm_kernel` must be an integer in [1, 4095]"),
+        (dict(sparse_dllm_keep_ratio=0), "`sparse_dllm_keep_ratio` must be a number in (0, 1]"),
+        # plan() without the FOCUS backend
+        (dict(method="sparse_dllm"), "`method` 'sparse_dllm' runs in the FOCUS attention backend"),
     ],
 )
 def test_settings_errors_name_the_field(settings, message):

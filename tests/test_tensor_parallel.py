@@ -3,7 +3,8 @@
 Heads are split across the two ranks (Dream GQA 6/2 -> 3 query and 1 KV head per rank); the
 logits are all-gathered, so both ranks take the same unmask decisions. The engine runs the FOCUS
 backend: its sink and block scores are summed over each rank's heads and all-reduced, so both
-ranks keep the same keys (a 4-layer checkpoint, so there are sparse layers).
+ranks keep the same keys (a 4-layer checkpoint, so there are sparse layers); so are
+Sparse-dLLM's key scores.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ MODES = {
     "focus": {"cache": "dual", **FOCUS},
     "dense-dual": {"cache": "dual", "min_prompt_len": 100_000},
     "none": {"cache": "none"},
+    # Its key scores are summed over each rank's heads and all-reduced too.
+    "sparse-dllm": {"cache": "dual", "method": "sparse_dllm", "sparse_dllm_keep_ratio": 0.2},
 }
 
 

@@ -5,7 +5,8 @@ the selection on the device) under Triton's interpreter, and it equals the refer
 One engine per family (float32, tiny checkpoints with 2 layers: the first dense, where the
 sinks are found, the second sparse), one batch:
 a prompt above `min_prompt_len` (Focus: refreshes through the dense kernel, within-block steps
-through both) beside one below it (dense in every layer, in the same forwards). The interpreter
+through both) beside one below it (dense in every layer, in the same forwards) and a
+Sparse-dLLM request (its kept keys and block through the tiled kernel). The interpreter
 runs every program in Python, so the prompts and the canvas are short.
 """
 
@@ -24,8 +25,8 @@ pytestmark = pytest.mark.skipif(
     torch.cuda.is_available(), reason="on a GPU the engine takes this path anyway"
 )
 
-PROMPT_LENGTHS = [90, 20]
-MAX_TOKENS = [16, 16]
+PROMPT_LENGTHS = [90, 20, 60]
+MAX_TOKENS = [16, 16, 16]
 SPARSE = {
     "gen_length": 16,
     "block_length": 8,
@@ -38,6 +39,9 @@ SPARSE = {
     "num_sinks": 4,
 }
 UNPRUNED = {"keep_ratio": 1.0, "num_sinks": 100_000}
+SPARSE_DLLM = {"gen_length": 16, "block_length": 8, "steps": 8, "method": "sparse_dllm"}
+PRUNED_DLLM = {**SPARSE_DLLM, "sparse_dllm_keep_ratio": 0.1}
+PER_PROMPT = [SPARSE, SPARSE, PRUNED_DLLM]
 
 
 @pytest.fixture(scope="module", params=["dream", "llada"])
@@ -79,12 +83,23 @@ def test_triton_path_matches_reference_focus(engine):
 
     llm, reference = engine
     prompts = _prompts(reference)
-    settings = DiffusionSettings(**SPARSE)
-    want = served_outputs(reference, prompts, settings, MAX_TOKENS, focus=True)
-    # Discriminating: the pruning changes the long prompt's reference output.
-    unpruned = DiffusionSettings(**{**SPARSE, **UNPRUNED})
-    assert want[0] != served_outputs(reference, prompts, unpruned, MAX_TOKENS, focus=True)[0]
-    params = [SamplingParams(temperature=0.0, max_tokens=m, extra_args=SPARSE) for m in MAX_TOKENS]
+
+    def reference_of(per_prompt):
+        return [
+            served_outputs(reference, [p], DiffusionSettings(**s), [m], focus=True)[0]
+            for p, s, m in zip(prompts, per_prompt, MAX_TOKENS)
+        ]
+
+    want = reference_of(PER_PROMPT)
+    # Discriminating: the pruning changes the long prompts' reference outputs.
+    unpruned = reference_of(
+        [{**SPARSE, **UNPRUNED}, SPARSE, {**SPARSE_DLLM, "sparse_dllm_keep_ratio": 1.0}]
+    )
+    assert want[0] != unpruned[0] and want[2] != unpruned[2]
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=m, extra_args=s)
+        for m, s in zip(MAX_TOKENS, PER_PROMPT)
+    ]
     llm.collective_rpc("diffusion_stats", kwargs={"reset": True})
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     (stats,) = llm.collective_rpc("diffusion_stats", kwargs={"reset": True})
