@@ -14,7 +14,8 @@ digits and EOS), block length 4, one token per step:
 - `dual`: Fast-dLLM's dual cache, refresh `block`, vLLM's default attention;
 - `focus`: Focus attention (FOCUS backend, default knobs) on `dual`, refresh `block`;
 - `focus-prefill`: the same with refresh `prefill`;
-- `focus-1block`: an ablation, Focus keeping a single 64-token prompt block and no sinks.
+- `focus-1block`: an ablation, Focus keeping a single 64-token prompt block and no sinks;
+- `sparse-dllm`: Sparse-dLLM (FOCUS backend, `method` `sparse_dllm`, its published defaults).
 
 Per method and length: accuracy, the prompts it got wrong (their keys), and tokens/s (the
 generated tokens over the wall time of one `generate` call for all prompts). Results: JSON and

@@ -12,7 +12,9 @@ refresh policy:
 - `dual-prefill`: dense `dual` with refresh `prefill` (the prompt's K/V computed once);
 - Focus (`attention_backend="focus"`, default knobs), cache `dual`: `focus-block` (refresh
   `block`, the paper's method; its baseline is `dual`) and `focus-prefill` (its baseline is
-  `dual-prefill`).
+  `dual-prefill`);
+- `sparse-dllm`: Sparse-dLLM (`method` `sparse_dllm`, its published defaults) on the FOCUS
+  backend, cache `dual`, refresh `block` (baseline `dual`).
 
 N requests are submitted together (`--concurrency`) with a token budget that holds all their
 first forwards in one engine step, so after it every step is one batched step of all N. The
