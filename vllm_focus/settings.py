@@ -97,11 +97,7 @@ class DiffusionSettings:
                         name,
                     )
         if self.threshold is not None:
-            value = self.threshold
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-                raise SettingsError(
-                    f"`threshold` must be a number in (0, 1], got {value!r}", "threshold"
-                )
+            _check_ratio("threshold", self.threshold)
             if self.confidence is not None and self.confidence not in THRESHOLD_KINDS:
                 raise SettingsError(
                     f"`threshold` compares a probability-like confidence; `confidence` must be "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from vllm_focus.attention.sparse_dllm import ATTEND, SELECT
 from vllm_focus.policy import (
     FocusStep,
     focus_step,
@@ -49,7 +50,6 @@ class RequestState:
         self.prompt_version = 0  # bumped by the runner at each step that writes prompt K/V
         # Sparse-dLLM: per layer index, the key positions kept at the block's second step
         # (on the device; written by the FOCUS backend's layers, read by later steps).
-        self.sparse_dllm = plan.sparse_dllm
         self.kept_keys: dict[int, torch.Tensor] = {}
 
     @property
@@ -60,12 +60,13 @@ class RequestState:
     def done(self) -> bool:
         return self.block >= self.plan.num_blocks
 
-    def _block_range(self) -> tuple[int, int]:
+    def block_range(self) -> tuple[int, int]:
+        """The current block's positions [start, end)."""
         start = self.prompt_len + self.block * self.plan.block_length
         return start, start + self.plan.block_length
 
     def _masked(self) -> torch.Tensor:
-        start, end = self._block_range()
+        start, end = self.block_range()
         return torch.nonzero(self.x[start:end] == self.mask).flatten() + start
 
     @property
@@ -81,14 +82,14 @@ class RequestState:
         """Sparse-dLLM's part in this step: 'select' (the block's second step: every layer
         keeps its top keys outside the block), 'attend' (later steps: the block's queries
         attend the kept keys and the block), None (a first step, or another method)."""
-        if self.sparse_dllm is None or self.block_step == 0:
+        if self.plan.sparse_dllm is None or self.block_step == 0:
             return None
-        return "select" if self.block_step == 1 else "attend"
+        return SELECT if self.block_step == 1 else ATTEND
 
     def query(self) -> torch.Tensor:
         """Positions this step computes (ascending)."""
         plan, total = self.plan, self.total_len
-        start, end = self._block_range()
+        start, end = self.block_range()
         self.focus_step = None
         if self.focus is not None and not self.is_refresh:
             masked = self._masked()
@@ -113,7 +114,7 @@ class RequestState:
         mode recomputes to the cache."""
         if self.focus_step is None:
             return torch.ones(query.numel(), dtype=torch.bool)
-        start, _ = self._block_range()
+        start, _ = self.block_range()
         return (query >= start) & (query < recomputed_end(self.plan, start, self.total_len))
 
     def _candidates(self) -> torch.Tensor:
@@ -121,7 +122,7 @@ class RequestState:
 
     def logit_sources(self, query: torch.Tensor) -> torch.Tensor:
         """Positions (within `query`) whose logits this step reads."""
-        start, _ = self._block_range()
+        start, _ = self.block_range()
         sources = self._candidates() - self.shift
         if self.is_refresh and self.shift:
             sources = torch.unique(torch.cat([sources, torch.tensor([start - 1])]))
@@ -130,7 +131,7 @@ class RequestState:
     def consume(self, sources: torch.Tensor, logits: torch.Tensor) -> list[int]:
         """Apply one step given the logits rows of `sources`; return a finished block's tokens."""
         row_of = {int(p): r for r, p in enumerate(sources)}
-        start, end = self._block_range()
+        start, end = self.block_range()
         if self.is_refresh and self.shift:
             self.first_row = logits[row_of[start - 1]]
 

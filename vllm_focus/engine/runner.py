@@ -51,12 +51,10 @@ def _sparse_dllm_step(state: RequestState, mode: str | None) -> SparseDllmStep |
     SELECT step's query is every position, an ATTEND step's the block)."""
     if mode is None:
         return None
-    plan = state.plan
-    start = state.prompt_len + state.block * plan.block_length
-    keep = state.sparse_dllm.kept(state.total_len, plan.block_length)
-    return SparseDllmStep(
-        mode, start, start + plan.block_length, keep, state.sparse_dllm.kernel, state.kept_keys
-    )
+    rule = state.plan.sparse_dllm
+    start, end = state.block_range()
+    keep = rule.kept(state.total_len, end - start)
+    return SparseDllmStep(mode, start, end, keep, rule.kernel, state.kept_keys)
 
 
 class DiffusionRunnerMixin:
