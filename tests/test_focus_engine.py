@@ -1,10 +1,10 @@
-"""`LLM(..., attention_backend="focus")` equals the reference decoder's Focus and Sparse-dLLM,
-token for token.
+"""`LLM(..., attention_backend="focus")` equals the reference decoder's Focus, Sparse-dLLM and
+SparseD, token for token.
 
 One engine per model family (float32, tiny checkpoints with 4 layers, so the default 2 dense
 layers leave 2 sparse ones), running the FOCUS backend. Batches mix
 prompts above and below `min_prompt_len` (Focus and dense requests in one forward), and Focus
-and Sparse-dLLM requests. The sparse
+Sparse-dLLM and SparseD requests. The sparse
 settings keep a few prompt blocks of a few hundred tokens, so the pruning changes the output:
 each case first checks that the reference tells pruned and unpruned Focus apart.
 """
@@ -35,6 +35,10 @@ UNPRUNED = {"keep_ratio": 1.0, "num_sinks": 100_000}
 # Sparse-dLLM keeping a tenth of the keys outside the block (its default is half).
 SPARSE_DLLM = {"gen_length": 64, "block_length": 16, "method": "sparse_dllm"}
 SPARSE_DLLM_PRUNED = {**SPARSE_DLLM, "sparse_dllm_keep_ratio": 0.1}
+# SparseD (no cache): 64 steps, the pattern fixed at step int(64 x 0.2) + 1 = 13; 32-token
+# blocks of which a fifth (+1) are kept; and SparseD at its published recipe.
+SPARSED = {"gen_length": 64, "block_length": 16, "method": "sparsed", "cache": "none"}
+SPARSED_PRUNED = {**SPARSED, "sparsed_select": 0.2, "sparsed_block_size": 32}
 
 
 @pytest.fixture(scope="module", params=["dream", "llada"])
@@ -149,6 +153,13 @@ def _mutate(worker, name: str, restore: bool) -> None:
             return original(-scores, k)
 
         module, attribute = sparse_dllm, "top_ranked"
+    elif name == "sparsed pattern":
+        from vllm_focus.attention import sparsed
+
+        def broken(scores, k):  # the least important key blocks instead of the most
+            return original(-scores, k)
+
+        module, attribute = sparsed, "top_ranked"
     else:  # the focus set F: the least confident masked positions
 
         def broken(indicator, *args, **kwargs):
@@ -224,3 +235,30 @@ def test_sparse_dllm_sampling_matches_reference(engine):
 
 def test_a_broken_sparse_dllm_selection_is_caught(engine):
     _check_mutation_is_caught(engine, "sparse_dllm kept keys", SPARSE_DLLM_PRUNED)
+
+
+# One batch, four methods: SparseD (pruned hard, and at its recipe), Focus, Sparse-dLLM.
+MIXED_SPARSED = [SPARSED_PRUNED, SPARSE, SPARSED, SPARSE_DLLM]
+
+
+def test_sparsed_in_a_mixed_batch_matches_reference(engine):
+    """SparseD requests (dense steps, the pattern step, pattern-following steps) in the same
+    forwards as Focus and Sparse-dLLM ones, each as the reference states its rule; the case is
+    discriminating: the same steps with SparseD's pattern kept whole are other tokens."""
+    llm, reference = engine
+    prompts = _prompts(reference)
+    want = _reference_each(reference, prompts, MIXED_SPARSED)
+    dense = {"gen_length": 64, "block_length": 16, "cache": "none"}
+    assert want[:1] != _reference_each(reference, prompts[:1], [dense])
+    assert _generate(llm, prompts, MIXED_SPARSED) == want
+
+
+def test_sparsed_sampling_matches_reference(engine):
+    llm, reference = engine
+    prompts = _prompts(reference)
+    want = _reference_each(reference, prompts, MIXED_SPARSED, temperature=0.8, seed=5)
+    assert _generate(llm, prompts, MIXED_SPARSED, temperature=0.8, seed=5) == want
+
+
+def test_a_broken_sparsed_pattern_is_caught(engine):
+    _check_mutation_is_caught(engine, "sparsed pattern", SPARSED_PRUNED)

@@ -18,7 +18,7 @@ THRESHOLD_KINDS = ("low_confidence", "maskgit_plus", "margin", "topk_margin", "r
 CACHE_MODES = ("none", "prefix", "dual")
 REFRESH_POLICIES = ("block", "prefill")
 # Sparse attention methods served under the FOCUS backend (docs/design.md §3).
-METHODS = ("focus", "sparse_dllm")
+METHODS = ("focus", "sparse_dllm", "sparsed")
 MAX_BLOCK_LENGTH = 4096
 DREAM_EPS = 1e-3
 
@@ -55,6 +55,11 @@ class DiffusionSettings:
     method: str = "focus"
     sparse_dllm_keep_ratio: float = 0.5
     sparse_dllm_kernel: int = 3
+    # SparseD's knobs; select and block size None: SparseD's published recipe by prompt
+    # length (SparsedPlan.for_prompt).
+    sparsed_skip: float = 0.2
+    sparsed_select: float | None = None
+    sparsed_block_size: int | None = None
 
     def __post_init__(self) -> None:
         _check_int("gen_length", self.gen_length, 1, None)
@@ -80,6 +85,33 @@ class DiffusionSettings:
                 f"`sparse_dllm_kernel` (the width of Sparse-dLLM's max-pool over the key "
                 f"scores) must be odd, got {self.sparse_dllm_kernel}",
                 "sparse_dllm_kernel",
+            )
+        if isinstance(self.sparsed_skip, bool) or not (
+            isinstance(self.sparsed_skip, (int, float)) and 0 <= self.sparsed_skip <= 1
+        ):
+            raise SettingsError(
+                f"`sparsed_skip` (the share of all steps SparseD runs dense before it fixes its "
+                f"pattern) must be a number in [0, 1], got {self.sparsed_skip!r}",
+                "sparsed_skip",
+            )
+        if self.sparsed_select is not None and (
+            isinstance(self.sparsed_select, bool)
+            or not isinstance(self.sparsed_select, (int, float))
+            or not 0 < self.sparsed_select < 1
+        ):
+            raise SettingsError(
+                f"`sparsed_select` (the share of key blocks SparseD keeps per query block) must "
+                f"be a number in (0, 1), or null for its published recipe, got "
+                f"{self.sparsed_select!r}",
+                "sparsed_select",
+            )
+        if self.sparsed_block_size is not None:
+            _check_int("sparsed_block_size", self.sparsed_block_size, 1, MAX_BLOCK_LENGTH)
+        if self.method == "sparsed" and self.cache != "none":
+            raise SettingsError(
+                f"`method` 'sparsed' recomputes the whole sequence at every step (SparseD keeps "
+                f"no KV cache): `cache` must be 'none' with it, got {self.cache!r}",
+                "cache",
             )
         if self.method == "sparse_dllm":
             # Sparse-dLLM's steps after a block's second one compute the block alone over the
@@ -122,7 +154,7 @@ class DiffusionSettings:
         """Resolve the model defaults and the canvas size for one request.
 
         `focus`: whether the server runs the FOCUS backend; the plan then carries the knobs
-        of the request's `method` (Focus's, or Sparse-dLLM's).
+        of the request's `method` (Focus's, Sparse-dLLM's or SparseD's).
         """
         if family not in ("dream", "llada"):
             raise SettingsError(f"unknown model family {family!r}")
@@ -158,7 +190,12 @@ class DiffusionSettings:
             refresh=self.refresh,
             focus=self.focus_plan() if focus and self.method == "focus" else None,
             sparse_dllm=self.sparse_dllm_plan() if focus and self.method == "sparse_dllm" else None,
+            sparsed=self.sparsed_plan() if focus and self.method == "sparsed" else None,
         )
+
+    def sparsed_plan(self) -> SparsedPlan:
+        select = None if self.sparsed_select is None else float(self.sparsed_select)
+        return SparsedPlan(float(self.sparsed_skip), select, self.sparsed_block_size)
 
     def sparse_dllm_plan(self) -> SparseDllmPlan:
         return SparseDllmPlan(float(self.sparse_dllm_keep_ratio), self.sparse_dllm_kernel)
@@ -213,6 +250,40 @@ class SparseDllmPlan:
         return int((total - block_length) * self.keep_ratio)
 
 
+# SparseD's published recipe (INV-WZQ/SparseD README): prompts of 4K tokens and more keep 30%
+# of 128-token key blocks, shorter ones 50% of 32-token blocks.
+SPARSED_LONG_PROMPT = 4096
+SPARSED_RECIPES = {True: (0.3, 128), False: (0.5, 32)}
+
+
+@dataclass(frozen=True)
+class SparsedPlan:
+    """SparseD's knobs for one request (docs/design.md §3, "SparseD"); `select` and
+    `block_size` None: the published recipe for the prompt's length."""
+
+    skip: float
+    select: float | None
+    block_size: int | None
+
+    def for_prompt(self, prompt_len: int) -> tuple[float, int]:
+        """(select, block_size) in force for a prompt of `prompt_len` tokens."""
+        select, size = SPARSED_RECIPES[prompt_len >= SPARSED_LONG_PROMPT]
+        return (
+            select if self.select is None else self.select,
+            size if self.block_size is None else self.block_size,
+        )
+
+    def pattern_step(self, total_steps: int) -> int:
+        """The step (counted over the whole request, from 0) that fixes the pattern:
+        int(total_steps x skip) + 1; it and every earlier step are dense."""
+        return int(total_steps * self.skip) + 1
+
+    @staticmethod
+    def kept_blocks(num_blocks: int, select: float) -> int:
+        """Key blocks one query block keeps of `num_blocks`: int(num_blocks x select) + 1."""
+        return int(num_blocks * select) + 1
+
+
 @dataclass(frozen=True)
 class DecodePlan:
     """Everything the decoding loop of one request needs, resolved and validated."""
@@ -228,6 +299,11 @@ class DecodePlan:
     refresh: str
     focus: FocusPlan | None = None
     sparse_dllm: SparseDllmPlan | None = None
+    sparsed: SparsedPlan | None = None
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_block * self.num_blocks
 
     def full_step(self, block_step: int) -> bool:
         """Whether step `block_step` of a block computes every position: a block's first

@@ -29,7 +29,7 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
 )
 
-from vllm_focus.attention import selection, sparse_dllm, triton_path
+from vllm_focus.attention import selection, sparse_dllm, sparsed, triton_path
 from vllm_focus.attention.triton_path import uses_triton_path
 from vllm_focus.settings import FocusPlan
 
@@ -54,12 +54,17 @@ class FocusBatch:
     # Per request: its Sparse-dLLM part in this forward (None: not a Sparse-dLLM request, or
     # a block's first step, which is dense).
     sparse_dllm: list[sparse_dllm.SparseDllmStep | None] = field(default_factory=list)
+    # Per request: its SparseD part in this forward (None: not SparseD, or a dense step
+    # before the pattern step).
+    sparsed: list[sparsed.SparsedStep | None] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.sinks:
             self.sinks = [None] * len(self.plans)
         if not self.sparse_dllm:
             self.sparse_dllm = [None] * len(self.plans)
+        if not self.sparsed:
+            self.sparsed = [None] * len(self.plans)
 
     def add_device_prompt_keys(self, requests: list[int], counts: torch.Tensor) -> None:
         if self.sparse_prompt_keys_device is None:
@@ -270,6 +275,16 @@ class FocusAttentionImpl(AttentionImpl):
         self._isa: str | None | bool = False
         # Both paths: the batched selection, with its cache of block means.
         self.selector = selection.SparseSelector()
+        self._model_heads: int | None = None
+
+    @property
+    def model_heads(self) -> int:
+        """Query heads of the whole model (this rank holds num_heads of them)."""
+        if self._model_heads is None:
+            from vllm.distributed import get_tensor_model_parallel_world_size
+
+            self._model_heads = self.num_heads * get_tensor_model_parallel_world_size()
+        return self._model_heads
 
     def _cpu_isa(self, kv_cache: torch.Tensor) -> str | None:
         """CPU_ATTN's ISA when this layer's cache is in its layout (probed once), else None."""
@@ -330,23 +345,20 @@ class FocusAttentionImpl(AttentionImpl):
         wanted = self._sink_requests(index, meta)
         if uses_triton_path(q.device):
             triton_path.forward(
-                self, index, q, key[:count], keys, values, meta, output[:count], wanted,
-                _all_reduce,
+                self, index, q, key[:count], value[:count], keys, values, meta, output[:count],
+                wanted, _all_reduce,
             )  # fmt: skip
             return output
         # Per request: every key (the compiled kernel over whole-sequence tiles in a within-block
         # step; CPU_ATTN's C++ kernel, or the torch path off its layout, for first forwards and
         # refreshes), every key with the sink scores (this is its last dense layer), or the
         # pruned key set of a sparse layer (batched over the sparse requests), or Sparse-dLLM's
-        # kept keys and the block.
+        # kept keys and the block, or SparseD's block pattern.
         out = output[:count]
         sparse = self._sparse_requests(index, meta)
         kept = sparse_dllm.requests_in(meta, sparse_dllm.ATTEND)
-        every = [
-            r
-            for r in range(len(meta.seq_lens_cpu))
-            if r not in sparse and r not in wanted and r not in kept
-        ]
+        own = set(sparse) | set(wanted) | set(kept) | set(sparsed.requests_in(meta, sparsed.ATTEND))
+        every = [r for r in range(len(meta.seq_lens_cpu)) if r not in own]
         quick = [r for r in every if _compiled_fits(q, keys, meta, [r])]
         rest = [r for r in every if r not in quick]
         if rest:
@@ -376,6 +388,7 @@ class FocusAttentionImpl(AttentionImpl):
             _tiled_cpu(q, keys, meta, kept)(*args, tiles, starts, self.scale, out)
         if selecting := sparse_dllm.requests_in(meta, sparse_dllm.SELECT):
             sparse_dllm.select(q, key[:count], meta, selecting, index, _all_reduce)
+        sparsed.run_layer(q, key[:count], value[:count], meta, index, self.scale, self.model_heads, out)
         return output
 
     def _every_key(self, q, keys, values, meta, out, requests) -> None:

@@ -30,7 +30,7 @@ from functools import cache
 
 import torch
 
-from vllm_focus.attention import selection, sparse_dllm
+from vllm_focus.attention import selection, sparse_dllm, sparsed
 
 SWITCH = "VLLM_FOCUS_TRITON"
 OPS = "vllm.v1.attention.ops.triton_unified_attention"
@@ -170,10 +170,10 @@ def attend_and_find_sinks(q, keys, values, scale, meta, wanted, out, all_reduce)
 
 
 def forward(
-    impl, index: int, q, key, keys, values, meta, out, wanted: list[int], all_reduce
+    impl, index: int, q, key, value, keys, values, meta, out, wanted: list[int], all_reduce
 ) -> None:
-    """One layer on the Triton path (see the module docstring); `key`: the forward's fresh
-    keys (Sparse-dLLM's selection reads them)."""
+    """One layer on the Triton path (see the module docstring); `key`, `value`: the forward's
+    fresh K/V (Sparse-dLLM's selection and SparseD read them)."""
     from vllm_focus.kernels.sparse_attention import tiled_sparse_attention
 
     batch = meta.focus
@@ -186,7 +186,8 @@ def forward(
             if plan is not None and index >= plan.dense_layers
         ]
     kept = sparse_dllm.requests_in(meta, sparse_dllm.ATTEND)
-    dense = [r for r in range(num_reqs) if r not in sparse and r not in wanted and r not in kept]
+    own = set(sparse) | set(wanted) | set(kept) | set(sparsed.requests_in(meta, sparsed.ATTEND))
+    dense = [r for r in range(num_reqs) if r not in own]
     if dense:
         dense_attention(q, keys, values, impl.scale, dense_subset(meta, dense), out)
     if wanted:
@@ -203,3 +204,4 @@ def forward(
         )
     if selecting := sparse_dllm.requests_in(meta, sparse_dllm.SELECT):
         sparse_dllm.select(q, key, meta, selecting, index, all_reduce)
+    sparsed.run_layer(q, key, value, meta, index, impl.scale, impl.model_heads, out)

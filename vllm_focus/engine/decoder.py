@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from vllm_focus.attention import sparsed
 from vllm_focus.attention.sparse_dllm import ATTEND, SELECT
 from vllm_focus.policy import (
     FocusStep,
@@ -51,6 +52,9 @@ class RequestState:
         # Sparse-dLLM: per layer index, the key positions kept at the block's second step
         # (on the device; written by the FOCUS backend's layers, read by later steps).
         self.kept_keys: dict[int, torch.Tensor] = {}
+        # SparseD: per layer index, the block pattern fixed at the pattern step, kept for
+        # the rest of the request (on the device, written and read by the FOCUS backend).
+        self.sparsed_masks: dict[int, torch.Tensor] = {}
 
     @property
     def total_len(self) -> int:
@@ -85,6 +89,18 @@ class RequestState:
         if self.plan.sparse_dllm is None or self.block_step == 0:
             return None
         return SELECT if self.block_step == 1 else ATTEND
+
+    def sparsed_mode(self) -> str | None:
+        """SparseD's part in this step: 'select' (the pattern step: dense, and every layer
+        fixes its pattern), 'attend' (every later step), None (earlier, dense, steps, or
+        another method)."""
+        rule = self.plan.sparsed
+        if rule is None:
+            return None
+        pattern = rule.pattern_step(self.plan.total_steps)
+        if self.step < pattern:
+            return None
+        return sparsed.SELECT if self.step == pattern else sparsed.ATTEND
 
     def query(self) -> torch.Tensor:
         """Positions this step computes (ascending)."""

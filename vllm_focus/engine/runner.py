@@ -22,6 +22,7 @@ from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 
 from vllm_focus.attention.backend import FocusBatch, FocusMetadata, focus_requested
 from vllm_focus.attention.sparse_dllm import SparseDllmStep
+from vllm_focus.attention.sparsed import SparsedStep, generation_block
 from vllm_focus.engine.decoder import RequestState
 from vllm_focus.engine.settings import resolve_plan, server_settings
 from vllm_focus.engine.stats import StepRecord, StepStats
@@ -55,6 +56,15 @@ def _sparse_dllm_step(state: RequestState, mode: str | None) -> SparseDllmStep |
     start, end = state.block_range()
     keep = rule.kept(state.total_len, end - start)
     return SparseDllmStep(mode, start, end, keep, rule.kernel, state.kept_keys)
+
+
+def _sparsed_step(state: RequestState, mode: str | None, family: str) -> SparsedStep | None:
+    """The request's SparseD part in this forward (its query: every position)."""
+    if mode is None:
+        return None
+    select, size = state.plan.sparsed.for_prompt(state.prompt_len)
+    last = generation_block(state.total_len, state.plan.gen_length, size)
+    return SparsedStep(mode, size, select, last, family == "llada", state.sparsed_masks)
 
 
 class DiffusionRunnerMixin:
@@ -187,7 +197,9 @@ class DiffusionRunnerMixin:
             seq_lens_cpu_upper_bound=seq_lens,
         )
         metadata, slot_mappings = {}, {}
-        focus = self._focus_batch(req_ids, states, queries, device) if self._focus else None
+        focus = None
+        if self._focus:
+            focus = self._focus_batch(req_ids, states, queries, device, self._family)
         for group in self._diffusion_attn_groups():
             built = group.get_metadata_builder().build(0, common)
             if isinstance(built, FocusMetadata):
@@ -222,11 +234,12 @@ class DiffusionRunnerMixin:
         return ids, staged_positions
 
     @staticmethod
-    def _focus_batch(req_ids, states, queries, device) -> FocusBatch | None:
-        """What the FOCUS backend's layers need about this step's Focus and Sparse-dLLM
-        requests."""
+    def _focus_batch(req_ids, states, queries, device, family: str) -> FocusBatch | None:
+        """What the FOCUS backend's layers need about this step's Focus, Sparse-dLLM and
+        SparseD requests."""
         modes = [state.sparse_dllm_mode() for state in states]
-        if all(state.focus_step is None for state in states) and not any(modes):
+        patterns = [state.sparsed_mode() for state in states]
+        if all(s.focus_step is None for s in states) and not any(modes) and not any(patterns):
             return None
         rows, owners, offset = [torch.empty(0, dtype=torch.int64)], [], 0
         for r, (state, query) in enumerate(zip(states, queries)):
@@ -243,6 +256,7 @@ class DiffusionRunnerMixin:
             focus_req=owners.to(torch.int32).to(device),
             prompt_keys=[(r, s.prompt_version) for r, s in zip(req_ids, states)],
             sparse_dllm=[_sparse_dllm_step(s, mode) for s, mode in zip(states, modes)],
+            sparsed=[_sparsed_step(s, mode, family) for s, mode in zip(states, patterns)],
         )
 
     def _diffusion_attn_groups(self):

@@ -24,7 +24,13 @@ from dataclasses import dataclass
 import torch
 
 from vllm_focus.policy import propose, recomputed_end, select, step_count
-from vllm_focus.reference.model import FocusForward, KVCache, ReferenceModel, SparseDllmForward
+from vllm_focus.reference.model import (
+    FocusForward,
+    KVCache,
+    ReferenceModel,
+    SparseDllmForward,
+    SparsedForward,
+)
 from vllm_focus.settings import DecodePlan, DiffusionSettings
 
 
@@ -100,6 +106,7 @@ class RequestDecoder:
         self.cache: KVCache | None = None
         self.step = 0  # decoding steps taken so far (the RNG counter)
         self.first_row: torch.Tensor | None = None  # Dream: logits of the block's 1st position
+        self.sparsed_masks: list[torch.Tensor] | None = None  # SparseD: per layer, its pattern
 
     def run(self) -> list[int]:
         for block in range(self.plan.num_blocks):
@@ -128,7 +135,9 @@ class RequestDecoder:
             masked = self._masked(start, end)
             count = step_count(plan, masked.numel(), i)
             candidates = masked
-            if plan.sparse_dllm is not None and i > 0:
+            if plan.sparsed is not None:
+                logits_of = self._forward_sparsed()
+            elif plan.sparse_dllm is not None and i > 0:
                 logits_of = self._forward_sparse_dllm(block, i, kept)
             elif focus is not None and i > 0:
                 step = _focus_positions(
@@ -230,6 +239,23 @@ class RequestDecoder:
             spec.kept = kept
             logits, fresh = self.model.forward(self.x, query, self.cache, sparse_dllm=spec)
             self.cache.write(query, fresh)
+        return self._logits_of(query, logits)
+
+    def _forward_sparsed(self):
+        """A SparseD step (no cache: the whole sequence). Dense up to the pattern step,
+        int(all steps x skip) + 1 counted over the request; that one also fixes every layer's
+        pattern; later ones attend through it."""
+        plan = self.plan
+        select, size = plan.sparsed.for_prompt(self.prompt_len)
+        spec = SparsedForward(size, select, plan.gen_length, masks=self.sparsed_masks)
+        pattern_step = int(plan.steps_per_block * plan.num_blocks * plan.sparsed.skip) + 1
+        query = torch.arange(self.x.numel())
+        if self.step < pattern_step:
+            logits, _ = self.model.forward(self.x, query)
+        else:
+            logits, _ = self.model.forward(self.x, query, sparsed=spec)
+            if self.step == pattern_step:
+                self.sparsed_masks = spec.found
         return self._logits_of(query, logits)
 
     def _forward_focus(self, block: int, step: _FocusPositions):

@@ -149,6 +149,20 @@ class SparseDllmForward:
     found: list[torch.Tensor] | None = None
 
 
+@dataclass
+class SparsedForward:
+    """SparseD's part in a forward over the whole sequence (README, "SparseD"): with `masks`
+    None, the pattern step, a dense forward after which every layer's pattern is in `found`
+    (bool [heads, blocks, blocks]); with `masks`, a later step where each head and query
+    block attends only its kept key blocks."""
+
+    block_size: int
+    select: float
+    gen_length: int
+    masks: list[torch.Tensor] | None = None
+    found: list[torch.Tensor] | None = None
+
+
 class ReferenceModel:
     def __init__(self, model_dir: str | Path, dtype: torch.dtype = torch.float32) -> None:
         model_dir = Path(model_dir)
@@ -199,6 +213,7 @@ class ReferenceModel:
         cache: KVCache | None = None,
         focus: FocusForward | None = None,
         sparse_dllm: SparseDllmForward | None = None,
+        sparsed: SparsedForward | None = None,
     ) -> tuple[torch.Tensor, KVCache]:
         """Logits [Q, vocab] of the `query` positions of `ids` [T], and their fresh K/V.
 
@@ -206,7 +221,8 @@ class ReferenceModel:
         query covers every position). Every query attends to every key (no mask), unless
         `focus` is given: then only rows marked fresh replace cached K/V, and layers from
         `dense_layers` on attend to the kept prompt blocks, the sinks and the response; or
-        `sparse_dllm`, which either finds each layer's kept keys or attends them.
+        `sparse_dllm`, which either finds each layer's kept keys or attends them; or `sparsed`,
+        which either fixes each layer's block pattern or attends through it.
         """
         total = ids.shape[0]
         query = torch.arange(total) if query is None else query
@@ -243,6 +259,10 @@ class ReferenceModel:
                 allowed = torch.zeros(total, dtype=torch.bool)
                 allowed[sparse_dllm.kept[n]] = True
                 allowed[sparse_dllm.start : sparse_dllm.end] = True
+            if sparsed is not None and sparsed.masks is None:
+                sparsed.found = (sparsed.found or []) + [_sparsed_pattern(q, keys, sparsed, cfg)]
+            elif sparsed is not None:
+                allowed = _expand_pattern(sparsed.masks[n], sparsed.block_size, total)
             attn, mass = _attention(q, keys, values, allowed)
             if focus is not None and n == focus.dense_layers - 1:
                 sinks = _sinks(mass, focus)
@@ -285,7 +305,8 @@ ATTENTION_CHUNK_ELEMENTS = 1 << 27
 def _attention(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention over every key, or the `allowed` ones (bool [T]).
+    """Softmax attention over every key, or the `allowed` ones (bool [T], or [H, Q, T] per
+    head and query).
 
     q [Q, H, D], keys/values [T, Hkv, D] -> output [Q, H, D] and the attention mass each key
     receives, summed over heads and queries [T]. Long queries run in chunks of rows (each
@@ -300,7 +321,8 @@ def _attention(
         chunk = q[start : start + rows]
         scores = torch.einsum("qhd,khd->hqk", chunk, keys) / math.sqrt(q.shape[-1])
         if allowed is not None:
-            scores = scores.masked_fill(~allowed, float("-inf"))
+            rule = allowed if allowed.dim() == 1 else allowed[:, start : start + rows]
+            scores = scores.masked_fill(~rule, float("-inf"))
         probs = scores.softmax(-1)
         outputs.append(torch.einsum("hqk,khd->qhd", probs, values))
         part = probs.sum((0, 1))
@@ -360,3 +382,47 @@ def _sparse_dllm_keep(q: torch.Tensor, keys: torch.Tensor, rule: SparseDllmForwa
     pooled = torch.stack([padded[j : j + count] for j in range(rule.kernel)]).max(0).values
     keep = int(count * rule.keep_ratio)
     return outside[sorted(_best(pooled, keep))]
+
+
+def _sparsed_pattern(
+    q: torch.Tensor, keys: torch.Tensor, rule: SparsedForward, cfg: ReferenceConfig
+) -> torch.Tensor:
+    """SparseD's block pattern at one layer of a dense forward over the whole sequence: per
+    head and query block, the key blocks whose tiles of softmax weight have the highest mean
+    (int(n x select) + 1 of the n), then the generation's blocks chosen again by a softmax
+    over them alone, with their own budget. LLaDA's softmax here is scaled by
+    1/sqrt(num_heads), as its published copy has it; Dream's by 1/sqrt(head_dim)."""
+    total, heads = q.shape[0], q.shape[1]
+    size = rule.block_size
+    n = math.ceil(total / size)
+    last = next(i for i in range(n) if total - i * size <= rule.gen_length or i == n - 1)
+    divisor = cfg.num_heads if cfg.family == "llada" else cfg.head_dim
+    expanded = keys.float().repeat_interleave(heads // keys.shape[1], dim=1)
+    pattern = torch.zeros(heads, n, n, dtype=torch.bool)
+
+    def tile_means(weights: torch.Tensor) -> torch.Tensor:
+        # weights [rows, keys]; tiles of size x size, zeros where missing
+        count = math.ceil(weights.shape[1] / size)
+        means = torch.zeros(count)
+        for j in range(count):
+            means[j] = weights[:, j * size : (j + 1) * size].sum() / (size * size)
+        return means
+
+    for i in range(n):
+        rows = q[i * size : (i + 1) * size].float()
+        for h in range(heads):
+            scores = rows[:, h] @ expanded[:, h].T / math.sqrt(divisor)
+            everywhere = tile_means(scores.softmax(-1))
+            for j in _best(everywhere, int(n * rule.select) + 1):
+                if j < last:
+                    pattern[h, i, j] = True
+            generation = tile_means(scores[:, last * size :].softmax(-1))
+            for j in _best(generation, int((n - last) * rule.select) + 1):
+                pattern[h, i, last + j] = True
+    return pattern
+
+
+def _expand_pattern(pattern: torch.Tensor, size: int, total: int) -> torch.Tensor:
+    """A [heads, blocks, blocks] block pattern as per-position permissions [heads, T, T]."""
+    grown = pattern.repeat_interleave(size, dim=1).repeat_interleave(size, dim=2)
+    return grown[:, :total, :total]
