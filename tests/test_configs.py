@@ -215,6 +215,7 @@ def test_bad_config_fails_vllm_startup_with_the_key(tiny_dirs, tmp_path):
         ({"keep_ratio": 2}, "`keep_ratio` must be a number in (0, 1]"),
         ({"method": "sparse_dllm"}, "`method` 'sparse_dllm' runs in the FOCUS attention backend"),
         ({"method": "sparse_dllm", "cache": "prefix"}, "`cache` must be 'dual' with it"),
+        ({"method": "sparsed", "cache": "none"}, "`method` 'sparsed' runs in the FOCUS attention"),
         ([8], "must be an object"),
     ],
 )

@@ -182,6 +182,7 @@ def test_abort_frees_kv_blocks(engine):
         ({"threshold": 1.5}, "threshold"),
         ({"x": 1}, "x"),
         ({"method": "sparse_dllm"}, "method"),  # a FOCUS-backend method on a dense engine
+        ({"method": "sparsed", "cache": "none"}, "method"),
     ],
 )
 def test_bad_request_settings_raise_before_the_engine(engine, extra, field):

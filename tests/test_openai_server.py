@@ -124,6 +124,22 @@ def test_sparse_dllm_through_vllm_xargs(client, server, reference):
     assert choice.token_ids == _expected(reference, choice.prompt_token_ids, 48, **xargs)[0]
 
 
+def test_sparsed_through_vllm_xargs(client, server, reference):
+    """SparseD on the Focus server (no cache, its pattern fixed after the first fifth of the
+    steps), as the reference decodes it."""
+    _, model_dir, _ = server
+    xargs = {"method": "sparsed", "cache": "none", "sparsed_select": 0.2, "sparsed_block_size": 8}
+    response = client.completions.create(
+        model=model_dir,
+        prompt=PROMPT,
+        max_tokens=32,
+        temperature=0,
+        extra_body={"return_token_ids": True, "vllm_xargs": xargs},
+    )
+    choice = response.choices[0]
+    assert choice.token_ids == _expected(reference, choice.prompt_token_ids, 32, **xargs)[0]
+
+
 def test_streaming_delivers_committed_blocks(client, server):
     _, model_dir, _ = server
     kwargs = dict(
@@ -198,6 +214,10 @@ BAD_REQUESTS = [
     ({"extra_body": {"vllm_xargs": {"method": "sparse_dllm", "refresh": "prefill"}}}, "refresh"),
     ({"extra_body": {"vllm_xargs": {"sparse_dllm_kernel": 4}}}, "sparse_dllm_kernel"),
     ({"extra_body": {"vllm_xargs": {"sparse_dllm_keep_ratio": 0}}}, "sparse_dllm_keep_ratio"),
+    ({"extra_body": {"vllm_xargs": {"method": "sparsed"}}}, "cache"),  # SparseD keeps no cache
+    ({"extra_body": {"vllm_xargs": {"sparsed_skip": 1.5}}}, "sparsed_skip"),
+    ({"extra_body": {"vllm_xargs": {"sparsed_select": 1}}}, "sparsed_select"),
+    ({"extra_body": {"vllm_xargs": {"sparsed_block_size": 0}}}, "sparsed_block_size"),
     # max_tokens.
     ({"max_tokens": 0}, "max_tokens"),
     ({"max_tokens": -1}, "max_tokens"),

@@ -156,7 +156,15 @@ def test_sampling_is_a_function_of_the_seed(references):
         (dict(keep_ratio=True), "`keep_ratio` must be a number in (0, 1], got True"),
         (dict(min_keep_tokens=-5), "`min_keep_tokens` must be an integer >= 0, got -5"),
         (dict(min_prompt_len="long"), "`min_prompt_len` must be an integer >= 0, got 'long'"),
-        (dict(method="quest"), "`method` must be one of ['focus', 'sparse_dllm'], got 'quest'"),
+        (
+            dict(method="quest"),
+            "`method` must be one of ['focus', 'sparse_dllm', 'sparsed'], got 'quest'",
+        ),
+        (dict(method="sparsed"), "`cache` must be 'none' with it, got 'dual'"),
+        (dict(sparsed_skip=-0.1), "`sparsed_skip` (the share of all steps SparseD runs dense"),
+        (dict(sparsed_select=1.0), "`sparsed_select` (the share of key blocks SparseD keeps"),
+        (dict(sparsed_select=True), "`sparsed_select` (the share of key blocks SparseD keeps"),
+        (dict(sparsed_block_size=0), "`sparsed_block_size` must be an integer in [1, 4096]"),
         (
             dict(method="sparse_dllm", cache="prefix"),
             "`cache` must be 'dual' with it, got 'prefix'",
@@ -167,6 +175,10 @@ def test_sampling_is_a_function_of_the_seed(references):
         (dict(sparse_dllm_keep_ratio=0), "`sparse_dllm_keep_ratio` must be a number in (0, 1]"),
         # plan() without the FOCUS backend
         (dict(method="sparse_dllm"), "`method` 'sparse_dllm' runs in the FOCUS attention backend"),
+        (
+            dict(method="sparsed", cache="none"),
+            "`method` 'sparsed' runs in the FOCUS attention backend",
+        ),
     ],
 )
 def test_settings_errors_name_the_field(settings, message):

@@ -6,7 +6,9 @@ One engine per family (float32, tiny checkpoints with 2 layers: the first dense,
 sinks are found, the second sparse), one batch:
 a prompt above `min_prompt_len` (Focus: refreshes through the dense kernel, within-block steps
 through both) beside one below it (dense in every layer, in the same forwards) and a
-Sparse-dLLM request (its kept keys and block through the tiled kernel). The interpreter
+Sparse-dLLM request (its kept keys and block through the tiled kernel); then a SparseD one (its
+dense steps through the dense kernel, its pattern built and followed by the torch code the
+CUDA path calls). The interpreter
 runs every program in Python, so the prompts and the canvas are short.
 """
 
@@ -25,8 +27,8 @@ pytestmark = pytest.mark.skipif(
     torch.cuda.is_available(), reason="on a GPU the engine takes this path anyway"
 )
 
-PROMPT_LENGTHS = [90, 20, 60]
-MAX_TOKENS = [16, 16, 16]
+PROMPT_LENGTHS = [90, 20, 60, 40]
+MAX_TOKENS = [16, 16, 16, 16]
 SPARSE = {
     "gen_length": 16,
     "block_length": 8,
@@ -41,7 +43,10 @@ SPARSE = {
 UNPRUNED = {"keep_ratio": 1.0, "num_sinks": 100_000}
 SPARSE_DLLM = {"gen_length": 16, "block_length": 8, "steps": 8, "method": "sparse_dllm"}
 PRUNED_DLLM = {**SPARSE_DLLM, "sparse_dllm_keep_ratio": 0.1}
-PER_PROMPT = [SPARSE, SPARSE, PRUNED_DLLM]
+# SparseD: 8 steps, the pattern fixed at the third (int(8 x 0.2) + 1 = 2), 8-token blocks.
+SPARSED = {"gen_length": 16, "block_length": 8, "steps": 8, "method": "sparsed", "cache": "none"}
+PRUNED_SPARSED = {**SPARSED, "sparsed_select": 0.2, "sparsed_block_size": 8}
+PER_PROMPT = [SPARSE, SPARSE, PRUNED_DLLM, PRUNED_SPARSED]
 
 
 @pytest.fixture(scope="module", params=["dream", "llada"])
@@ -93,16 +98,26 @@ def test_triton_path_matches_reference_focus(engine):
     want = reference_of(PER_PROMPT)
     # Discriminating: the pruning changes the long prompts' reference outputs.
     unpruned = reference_of(
-        [{**SPARSE, **UNPRUNED}, SPARSE, {**SPARSE_DLLM, "sparse_dllm_keep_ratio": 1.0}]
+        [
+            {**SPARSE, **UNPRUNED},
+            SPARSE,
+            {**SPARSE_DLLM, "sparse_dllm_keep_ratio": 1.0},
+            {**SPARSED, "sparsed_skip": 1.0},  # dense at every step
+        ]
     )
-    assert want[0] != unpruned[0] and want[2] != unpruned[2]
+    assert want[0] != unpruned[0] and want[2] != unpruned[2] and want[3] != unpruned[3]
     params = [
         SamplingParams(temperature=0.0, max_tokens=m, extra_args=s)
         for m, s in zip(MAX_TOKENS, PER_PROMPT)
     ]
     llm.collective_rpc("diffusion_stats", kwargs={"reset": True})
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    # The SparseD request computes everything at every step (each a full step in the
+    # statistics), so it runs on its own after the batch the statistics below are about.
+    outputs = llm.generate(
+        [{"prompt_token_ids": p} for p in prompts[:3]], params[:3], use_tqdm=False
+    )
     (stats,) = llm.collective_rpc("diffusion_stats", kwargs={"reset": True})
+    outputs += llm.generate({"prompt_token_ids": prompts[3]}, params[3], use_tqdm=False)
     assert [list(o.outputs[0].token_ids) for o in outputs] == want
     # The long request ran Focus steps, its sparse layers attended part of the prompt.
     assert stats["steps"] > stats["refresh_steps"] > 0
