@@ -13,8 +13,13 @@ models). Generation: greedy, `max_tokens` = the task's answer length, capped by
 `--gen-length` (the canvas), with `--block-length`. Methods:
 
 - `vanilla` (cache `none`), `dual` (Fast-dLLM dual cache) on vLLM's default attention;
-- `focus`, `focus-prefill`: Focus attention (FOCUS backend, default knobs or `--focus-knobs`
-  JSON) on the dual cache, refresh `block` / `prefill`.
+- `focus`, `focus-prefill`: Focus attention (FOCUS backend, default knobs) on the dual cache,
+  refresh `block` / `prefill`;
+- `sparse-dllm`, `sparsed`: Sparse-dLLM (dual cache) and SparseD (no cache) on the FOCUS
+  backend, at their published defaults;
+- `paper`: the paper's five, vanilla, dual, sparse-dllm, sparsed and focus.
+
+`--focus-knobs` (JSON) overrides settings of every method on the FOCUS backend.
 
 Prints the per-task scores and the average for each method, and writes JSON
 (benchmarks/results/longbench.json by default). Metrics: vllm_focus/longbench.py. This is meant
@@ -31,6 +36,8 @@ from pathlib import Path
 
 from vllm_focus.longbench import TASKS, build_prompt, load_config, load_records, task_score
 
+# The paper's Table 1 methods (`--methods paper`).
+PAPER = ["vanilla", "dual", "sparse-dllm", "sparsed", "focus"]
 METHODS = {
     "vanilla": (False, {"cache": "none"}),
     "dual": (False, {"cache": "dual", "refresh": "block"}),
@@ -38,6 +45,8 @@ METHODS = {
     "focus-prefill": (True, {"cache": "dual", "refresh": "prefill"}),
     # Sparse-dLLM at its published defaults (README, "Sparse-dLLM").
     "sparse-dllm": (True, {"cache": "dual", "refresh": "block", "method": "sparse_dllm"}),
+    # SparseD at its published recipe (README, "SparseD"): no cache.
+    "sparsed": (True, {"cache": "none", "method": "sparsed"}),
 }
 
 
@@ -116,7 +125,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--longbench", required=True, help="LongBench dir: data/ and config/")
     parser.add_argument("--model", required=True)
-    parser.add_argument("--methods", nargs="+", default=["dual", "focus"], choices=list(METHODS))
+    parser.add_argument(
+        "--methods", nargs="+", default=["dual", "focus"], choices=[*METHODS, "paper"],
+        help=f"`paper`: {PAPER}",
+    )
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS))
     parser.add_argument("--limit", type=int, help="records per task (default: all)")
     parser.add_argument("--budget", type=int, default=31500, help="prompt tokens after truncation")
@@ -132,6 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--out", type=Path, default=Path(__file__).parent / "results" / "longbench.json"
     )
     args = parser.parse_args(argv)
+    args.methods = [n for m in args.methods for n in (PAPER if m == "paper" else [m])]
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     result = run(args)
     result["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}

@@ -15,7 +15,9 @@ digits and EOS), block length 4, one token per step:
 - `focus`: Focus attention (FOCUS backend, default knobs) on `dual`, refresh `block`;
 - `focus-prefill`: the same with refresh `prefill`;
 - `focus-1block`: an ablation, Focus keeping a single 64-token prompt block and no sinks;
-- `sparse-dllm`: Sparse-dLLM (FOCUS backend, `method` `sparse_dllm`, its published defaults).
+- `sparse-dllm`: Sparse-dLLM (FOCUS backend, `method` `sparse_dllm`, its published defaults);
+- `sparsed`: SparseD (FOCUS backend, `method` `sparsed`, cache `none`, its published recipe);
+- `paper`: the paper's five methods, vanilla, dual, sparse-dllm, sparsed and focus.
 
 Per method and length: accuracy, the prompts it got wrong (their keys), and tokens/s (the
 generated tokens over the wall time of one `generate` call for all prompts). Results: JSON and
@@ -41,6 +43,8 @@ METHODS = {
     "focus-prefill": (True, {"cache": "dual", "refresh": "prefill"}),
     # Sparse-dLLM at its published defaults (README, "Sparse-dLLM").
     "sparse-dllm": (True, {"cache": "dual", "refresh": "block", "method": "sparse_dllm"}),
+    # SparseD at its published recipe (README, "SparseD"): no cache.
+    "sparsed": (True, {"cache": "none", "method": "sparsed"}),
     # Ablation: a kept-prompt budget of one 64-token block (and no sinks) instead of the
     # default max(10% of the prompt, 256 tokens) + 16 sinks.
     "focus-1block": (
@@ -49,6 +53,8 @@ METHODS = {
     ),
 }
 DECODE = {"block_length": 4}
+# The paper's Table 1 methods (`--methods paper`).
+PAPER = ["vanilla", "dual", "sparse-dllm", "sparsed", "focus"]
 
 
 def questions(length: int, count: int, seed: int):
@@ -107,7 +113,7 @@ def plot(result: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     # Methods at the same accuracy overlap: shrinking markers keep each one visible.
-    for size, method in zip((14, 11, 8, 6, 4, 3), METHODS):
+    for size, method in zip((14, 12, 10, 8, 6, 4, 3), METHODS):
         rows = [r for r in result["runs"] if r["method"] == method]
         if rows:
             ax.plot(
@@ -137,13 +143,22 @@ def main() -> None:
     parser.add_argument("--model", default=str(MODEL))
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--prompts", type=int, default=200)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument(
+        "--methods", nargs="+", default=list(METHODS), choices=[*METHODS, "paper"],
+        help=f"`paper`: {PAPER}",
+    )
     parser.add_argument(
         "--vanilla-max-len", type=int, default=2048, help="vanilla only up to this length"
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS / "retrieval.json")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the runs already in --out for other (method, length) pairs",
+    )
     args = parser.parse_args()
+    args.methods = [n for m in args.methods for n in (PAPER if m == "paper" else [m])]
     from tqdm import tqdm
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -158,18 +173,28 @@ def main() -> None:
         "decode": {"max_tokens": 4, **DECODE, "temperature": 0},
         "runs": [],
     }
+    kept = []
+    if args.merge and args.out.exists():
+        pairs = {(m, n) for m in args.methods for n in args.lengths}
+        earlier = json.loads(args.out.read_text())
+        if earlier["prompts"] != args.prompts or earlier["args"]["seed"] != args.seed:
+            raise SystemExit(f"--merge: {args.out} holds another prompt set (count or seed)")
+        kept = [r for r in earlier["runs"] if (r["method"], r["length"]) not in pairs]
+        result["merged_from"] = earlier.get("merged_from", []) + [earlier["args"]]
     jobs = [
         (length, method)
         for length in args.lengths
         for method in args.methods
         if method != "vanilla" or length <= args.vanilla_max_len
     ]
+    result["runs"] = kept
     with tqdm(total=len(jobs), desc="retrieval eval") as progress:
         for length, method in jobs:
             task, items = questions(length, args.prompts, args.seed)
             focus, settings = METHODS[method]
             run = evaluate(engines[focus], task, items, settings)
             result["runs"].append({"method": method, "length": length, **run})
+            result["runs"].sort(key=lambda r: (r["length"], list(METHODS).index(r["method"])))
             progress.set_postfix(method=method, length=length, acc=run["accuracy"])
             progress.update(1)
             args.out.parent.mkdir(parents=True, exist_ok=True)

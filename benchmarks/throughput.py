@@ -14,7 +14,12 @@ refresh policy:
   `block`, the paper's method; its baseline is `dual`) and `focus-prefill` (its baseline is
   `dual-prefill`);
 - `sparse-dllm`: Sparse-dLLM (`method` `sparse_dllm`, its published defaults) on the FOCUS
-  backend, cache `dual`, refresh `block` (baseline `dual`).
+  backend, cache `dual`, refresh `block` (baseline `dual`);
+- `sparsed`: SparseD (`method` `sparsed`, its published recipe) on the FOCUS backend, cache
+  `none` (baseline vanilla).
+
+`--methods paper` names the paper's five: vanilla, dual (Fast-dLLM), sparse-dllm, sparsed and
+focus-block.
 
 N requests are submitted together (`--concurrency`) with a token budget that holds all their
 first forwards in one engine step, so after it every step is one batched step of all N. The
@@ -41,8 +46,9 @@ each measured step as a multiple of it.
 
 Methods that recompute the whole prompt per block (vanilla, prefix, dual, focus-block) cost 8
 first forwards per request; above `--full-refresh-max` prompt tokens in flight (N x prompt)
-they are skipped for time and the table says so. Vanilla above `--vanilla-max-len` runs one
-step per block and is extrapolated to 256 steps (marked `~`).
+they are skipped for time and the table says so. Vanilla and SparseD above `--vanilla-max-len`
+run one step per block and are extrapolated to 256 steps (marked `~`; SparseD per kind of
+step, `extrapolation`).
 
 Results: benchmarks/results/throughput.json, the README's tables from it (throughput.md) and
 the plots (benchmarks/plots.py) beside it; `--render JSON` redoes the tables and plots of a run.
@@ -103,8 +109,13 @@ METHODS = [
         {"cache": "dual", "refresh": "block", "method": "sparse_dllm"},
         baseline="dual",
     ),
+    # SparseD at its published recipe: no cache, dense for the first fifth of the steps, then
+    # its fixed pattern; the dense method with the same (absent) cache is vanilla.
+    Method("sparsed", "focus", {"cache": "none", "method": "sparsed"}, baseline="vanilla"),
 ]
 REFERENCES = ("vanilla", "dual", "dual-prefill")
+# The paper's Table 1 methods (`--methods paper`).
+PAPER = ["vanilla", "dual", "sparse-dllm", "sparsed", "focus-block"]
 
 
 class PeakMemory:
@@ -247,14 +258,35 @@ def run_one(llm, prompts: list[list[int]], method: Method, args, steps: int) -> 
         "overhead_s": wall - model,
         "peak_rss_mb": memory.peak / 2**20,
         "peak_over_idle_mb": (memory.peak - memory.idle) / 2**20,
+        "step_model_s": [r["model_s"] for r in records],
         "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
     }
 
 
-def summarize(raw: dict, args, n: int, extrapolated: bool) -> dict:
-    """Throughputs of one run; a vanilla run of one step per block scaled to `args.steps`."""
-    row = {k: v for k, v in raw.items() if k != "token_ids"}
-    scale = args.steps / raw["steps"] if extrapolated else 1.0
+def extrapolation(raw: dict, method: Method, args) -> float:
+    """The factor from a cache-`none` run of one step per block to `args.steps` steps. Every
+    such step computes everything, so vanilla's steps cost alike: steps / measured. SparseD's
+    come in two kinds, dense up to its pattern step and pattern-following after it: each
+    kind's mean measured time times its count in the real schedule, over the time measured."""
+    if method.settings.get("method") != "sparsed":
+        return args.steps / raw["steps"]
+    from vllm_focus.settings import DiffusionSettings
+
+    plan = DiffusionSettings(**method.settings).sparsed_plan()
+    times = raw["step_model_s"]
+    dense_measured = min(len(times) - 1, plan.pattern_step(raw["steps"]) + 1)
+    dense = sum(times[:dense_measured]) / dense_measured
+    sparse = sum(times[dense_measured:]) / (len(times) - dense_measured)
+    dense_real = min(args.steps, plan.pattern_step(args.steps) + 1)
+    predicted = dense_real * dense + (args.steps - dense_real) * sparse
+    return predicted / sum(times)
+
+
+def summarize(raw: dict, args, n: int, extrapolated: bool, method: Method) -> dict:
+    """Throughputs of one run; a cache-`none` run of one step per block scaled to
+    `args.steps` (`extrapolation`)."""
+    row = {k: v for k, v in raw.items() if k not in ("token_ids", "step_model_s")}
+    scale = extrapolation(raw, method, args) if extrapolated else 1.0
     wall, model = raw["wall_s"] * scale, raw["model_s"] * scale
     tokens = n * args.gen
     within_steps = raw["steps"] - raw["refresh_steps"]
@@ -388,7 +420,7 @@ def bench_model(name: str, args, machine: dict, progress) -> dict:
                     "prompt_len": prompt_len,
                     "concurrency": n,
                     "method": method.name,
-                    **summarize(raw, args, n, extrapolated),
+                    **summarize(raw, args, n, extrapolated, method),
                 }
                 if row["within_block_rows"] is not None:
                     per_request = row["within_block_rows"] / n
@@ -587,7 +619,8 @@ def main() -> None:
         "--methods",
         nargs="+",
         default=["dual", "dual-prefill", "focus-block", "focus-prefill"],
-        help=f"of {[m.name for m in METHODS]} (vanilla and prefix: add them by name)",
+        help=f"of {[m.name for m in METHODS]} (vanilla and prefix: add them by name), or "
+        f"`paper` for {PAPER}",
     )
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--gen", type=int, default=256)
@@ -625,6 +658,7 @@ def main() -> None:
         render(json.loads(Path(args.render).read_text()), Path(args.render), not args.no_plots)
         return
     known = {m.name: m for m in METHODS}
+    args.methods = [n for m in args.methods for n in (PAPER if m == "paper" else [m])]
     unknown = [m for m in args.methods if m not in known]
     if unknown:
         parser.error(f"unknown --methods {unknown}; choose from {list(known)}")

@@ -21,10 +21,13 @@ from vllm_focus.settings import DiffusionSettings
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    from vllm import LLM
+    from vllm import LLM, envs
 
     from vllm_focus.testing.tiny import write_tiny_checkpoint
 
+    # An in-process engine earlier in this pytest process (VLLM_ENABLE_V1_MULTIPROCESSING=0)
+    # froze vLLM's environment reads; the binding below must be read afresh.
+    envs.disable_envs_cache()
     # The CPU worker binds each rank's threads to NUMA nodes; this machine has one, so bind
     # one core per rank by hand (the worker processes read it at start-up).
     saved = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
