@@ -126,7 +126,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--longbench", required=True, help="LongBench dir: data/ and config/")
     parser.add_argument("--model", required=True)
     parser.add_argument(
-        "--methods", nargs="+", default=["dual", "focus"], choices=[*METHODS, "paper"],
+        "--methods",
+        nargs="+",
+        default=["dual", "focus"],
+        choices=[*METHODS, "paper"],
         help=f"`paper`: {PAPER}",
     )
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS))

@@ -144,7 +144,10 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--prompts", type=int, default=200)
     parser.add_argument(
-        "--methods", nargs="+", default=list(METHODS), choices=[*METHODS, "paper"],
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        choices=[*METHODS, "paper"],
         help=f"`paper`: {PAPER}",
     )
     parser.add_argument(

@@ -45,7 +45,10 @@ def test_reference_pattern_by_hand():
     assert rows == [[1, 3], [0, 3], [0, 1, 2], [1, 3]]
 
 
-@pytest.mark.parametrize("total, gen_length, size, last", [(70, 20, 8, 7), (64, 16, 16, 3), (33, 40, 32, 0), (10, 1, 4, 2)])
+@pytest.mark.parametrize(
+    "total, gen_length, size, last",
+    [(70, 20, 8, 7), (64, 16, 16, 3), (33, 40, 32, 0), (10, 1, 4, 2)],
+)
 def test_generation_block(total, gen_length, size, last):
     """The first block starting inside the last `gen_length` positions, else the final one."""
     assert generation_block(total, gen_length, size) == last
@@ -56,7 +59,9 @@ def test_generation_block(total, gen_length, size, last):
 SPECS = [(70, 20, 8, 0.3), (64, 16, 16, 0.5), (33, 10, 32, 0.3), (100, 64, 7, 0.2)]
 
 
-@pytest.mark.parametrize("family, heads, kv_heads", [("llada", 4, 4), ("dream", 4, 2), ("dream", 6, 2)])
+@pytest.mark.parametrize(
+    "family, heads, kv_heads", [("llada", 4, 4), ("dream", 4, 2), ("dream", 6, 2)]
+)
 def test_engine_pattern_and_attention_equal_the_reference(family, heads, kv_heads):
     """A batch of SELECT requests, then the same as ATTEND requests: each layer's pattern as
     the reference builds it, and the attention through it as the reference's masked softmax."""

@@ -60,7 +60,12 @@ MODES = {
     # Its key scores are summed over each rank's heads and all-reduced too.
     "sparse-dllm": {"cache": "dual", "method": "sparse_dllm", "sparse_dllm_keep_ratio": 0.2},
     # Each rank fixes its own heads' patterns from its own q/k; nothing is reduced.
-    "sparsed": {"cache": "none", "method": "sparsed", "sparsed_select": 0.2, "sparsed_block_size": 16},
+    "sparsed": {
+        "cache": "none",
+        "method": "sparsed",
+        "sparsed_select": 0.2,
+        "sparsed_block_size": 16,
+    },
 }
 
 

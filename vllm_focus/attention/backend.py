@@ -388,7 +388,9 @@ class FocusAttentionImpl(AttentionImpl):
             _tiled_cpu(q, keys, meta, kept)(*args, tiles, starts, self.scale, out)
         if selecting := sparse_dllm.requests_in(meta, sparse_dllm.SELECT):
             sparse_dllm.select(q, key[:count], meta, selecting, index, _all_reduce)
-        sparsed.run_layer(q, key[:count], value[:count], meta, index, self.scale, self.model_heads, out)
+        sparsed.run_layer(
+            q, key[:count], value[:count], meta, index, self.scale, self.model_heads, out
+        )
         return output
 
     def _every_key(self, q, keys, values, meta, out, requests) -> None:

@@ -146,7 +146,9 @@ def _block_sparse(q, key, value, mask, size: int, scale: float) -> torch.Tensor:
     def per_head_blocks(x):  # [T, Hkv, D] -> [H, blocks, size, D], zero past the end
         full = x.new_zeros(padded, x.shape[1], dim)
         full[:total] = x
-        return full.repeat_interleave(group, dim=1).permute(1, 0, 2).reshape(heads, blocks, size, dim)
+        return (
+            full.repeat_interleave(group, dim=1).permute(1, 0, 2).reshape(heads, blocks, size, dim)
+        )
 
     keys, values = per_head_blocks(key), per_head_blocks(value)
     inside = torch.arange(padded, device=q.device).view(blocks, size) < total

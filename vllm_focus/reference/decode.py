@@ -28,8 +28,8 @@ from vllm_focus.reference.model import (
     FocusForward,
     KVCache,
     ReferenceModel,
-    SparseDllmForward,
     SparsedForward,
+    SparseDllmForward,
 )
 from vllm_focus.settings import DecodePlan, DiffusionSettings
 
