@@ -215,50 +215,43 @@ def _reference_each(reference, prompts, per_prompt, temperature=0.0, seed=None):
     ]
 
 
-def test_sparse_dllm_in_a_mixed_batch_matches_reference(engine):
-    """Sparse-dLLM and Focus requests in one forward, each as the reference states its rule;
-    the case is discriminating: keeping every key outside the block changes the tokens."""
-    llm, reference = engine
-    prompts = _prompts(reference)
-    want = _reference_each(reference, prompts, MIXED)
-    unpruned = {**SPARSE_DLLM, "sparse_dllm_keep_ratio": 1.0}
-    assert want[:1] != _reference_each(reference, prompts[:1], [unpruned])
-    assert _generate(llm, prompts, MIXED) == want
-
-
-def test_sparse_dllm_sampling_matches_reference(engine):
-    llm, reference = engine
-    prompts = _prompts(reference)
-    want = _reference_each(reference, prompts, MIXED, temperature=0.8, seed=5)
-    assert _generate(llm, prompts, MIXED, temperature=0.8, seed=5) == want
-
-
-def test_a_broken_sparse_dllm_selection_is_caught(engine):
-    _check_mutation_is_caught(engine, "sparse_dllm kept keys", SPARSE_DLLM_PRUNED)
-
-
 # One batch, four methods: SparseD (pruned hard, and at its recipe), Focus, Sparse-dLLM.
 MIXED_SPARSED = [SPARSED_PRUNED, SPARSE, SPARSED, SPARSE_DLLM]
+# Per method: its mixed batch, and the first prompt's settings with the method's pruning
+# undone (Sparse-dLLM keeping every key outside the block; SparseD's steps all dense), which
+# must give other tokens, so the case tells the pruning apart.
+MIXED_BATCHES = {
+    "sparse_dllm": (MIXED, {**SPARSE_DLLM, "sparse_dllm_keep_ratio": 1.0}),
+    "sparsed": (MIXED_SPARSED, {"gen_length": 64, "block_length": 16, "cache": "none"}),
+}
 
 
-def test_sparsed_in_a_mixed_batch_matches_reference(engine):
-    """SparseD requests (dense steps, the pattern step, pattern-following steps) in the same
-    forwards as Focus and Sparse-dLLM ones, each as the reference states its rule; the case is
-    discriminating: the same steps with SparseD's pattern kept whole are other tokens."""
+@pytest.mark.parametrize("method", list(MIXED_BATCHES))
+def test_method_in_a_mixed_batch_matches_reference(engine, method):
+    """Sparse-dLLM's or SparseD's requests in the same forwards as other methods' (SparseD's
+    dense steps, its pattern step and pattern-following steps), each as the reference states
+    its rule; the case is discriminating."""
     llm, reference = engine
     prompts = _prompts(reference)
-    want = _reference_each(reference, prompts, MIXED_SPARSED)
-    dense = {"gen_length": 64, "block_length": 16, "cache": "none"}
-    assert want[:1] != _reference_each(reference, prompts[:1], [dense])
-    assert _generate(llm, prompts, MIXED_SPARSED) == want
+    batch, undone = MIXED_BATCHES[method]
+    want = _reference_each(reference, prompts, batch)
+    assert want[:1] != _reference_each(reference, prompts[:1], [undone])
+    assert _generate(llm, prompts, batch) == want
 
 
-def test_sparsed_sampling_matches_reference(engine):
+@pytest.mark.parametrize("method", list(MIXED_BATCHES))
+def test_method_sampling_matches_reference(engine, method):
     llm, reference = engine
     prompts = _prompts(reference)
-    want = _reference_each(reference, prompts, MIXED_SPARSED, temperature=0.8, seed=5)
-    assert _generate(llm, prompts, MIXED_SPARSED, temperature=0.8, seed=5) == want
+    batch, _ = MIXED_BATCHES[method]
+    want = _reference_each(reference, prompts, batch, temperature=0.8, seed=5)
+    assert _generate(llm, prompts, batch, temperature=0.8, seed=5) == want
 
 
-def test_a_broken_sparsed_pattern_is_caught(engine):
-    _check_mutation_is_caught(engine, "sparsed pattern", SPARSED_PRUNED)
+@pytest.mark.parametrize(
+    "mutation, settings",
+    [("sparse_dllm kept keys", SPARSE_DLLM_PRUNED), ("sparsed pattern", SPARSED_PRUNED)],
+    ids=["sparse_dllm", "sparsed"],
+)
+def test_a_broken_method_selection_is_caught(engine, mutation, settings):
+    _check_mutation_is_caught(engine, mutation, settings)

@@ -109,35 +109,31 @@ def test_per_request_settings_through_vllm_xargs(client, server, reference):
     assert choice.token_ids == _expected(reference, choice.prompt_token_ids, 24, **xargs)[0]
 
 
-def test_sparse_dllm_through_vllm_xargs(client, server, reference):
-    """A per-request method: Sparse-dLLM on the Focus server, as the reference decodes it."""
+@pytest.mark.parametrize(
+    "xargs, max_tokens",
+    [
+        ({"method": "sparse_dllm", "sparse_dllm_keep_ratio": 0.25}, 48),
+        # no cache, the pattern fixed after the first fifth of the steps
+        (
+            {"method": "sparsed", "cache": "none", "sparsed_select": 0.2, "sparsed_block_size": 8},
+            32,
+        ),
+    ],
+    ids=["sparse_dllm", "sparsed"],
+)
+def test_method_through_vllm_xargs(client, server, reference, xargs, max_tokens):
+    """A per-request method on the Focus server, as the reference decodes it."""
     _, model_dir, _ = server
-    xargs = {"method": "sparse_dllm", "sparse_dllm_keep_ratio": 0.25}
     response = client.completions.create(
         model=model_dir,
         prompt=PROMPT,
-        max_tokens=48,
+        max_tokens=max_tokens,
         temperature=0,
         extra_body={"return_token_ids": True, "vllm_xargs": xargs},
     )
     choice = response.choices[0]
-    assert choice.token_ids == _expected(reference, choice.prompt_token_ids, 48, **xargs)[0]
-
-
-def test_sparsed_through_vllm_xargs(client, server, reference):
-    """SparseD on the Focus server (no cache, its pattern fixed after the first fifth of the
-    steps), as the reference decodes it."""
-    _, model_dir, _ = server
-    xargs = {"method": "sparsed", "cache": "none", "sparsed_select": 0.2, "sparsed_block_size": 8}
-    response = client.completions.create(
-        model=model_dir,
-        prompt=PROMPT,
-        max_tokens=32,
-        temperature=0,
-        extra_body={"return_token_ids": True, "vllm_xargs": xargs},
-    )
-    choice = response.choices[0]
-    assert choice.token_ids == _expected(reference, choice.prompt_token_ids, 32, **xargs)[0]
+    want = _expected(reference, choice.prompt_token_ids, max_tokens, **xargs)[0]
+    assert choice.token_ids == want
 
 
 def test_streaming_delivers_committed_blocks(client, server):
