@@ -729,7 +729,7 @@ def render(result: dict, out: Path, plots: bool) -> None:
     if plots:
         from plots import plot_throughput
 
-        for path in plot_throughput(result, out.parent):
+        for path in plot_throughput(result, out.parent, out.stem):
             print(f"wrote {path}")
 
 
