@@ -153,9 +153,13 @@ SERVER_DEFAULTS = {"gen_length": 32, "block_length": 16}
 
 @pytest.fixture(scope="module", params=[(), ("--trust-remote-code",)], ids=["no-flags", "trust"])
 def server(request, model_dir, tmp_path_factory):
-    """`vllm serve DIR` with only sizing flags (and --trust-remote-code for the second)."""
+    """`vllm serve DIR` with only sizing flags and float32 (and --trust-remote-code for the
+    second). The config's torch_dtype is bfloat16, as Dream's is: served in it, the tokens are
+    the float32 reference's only where no near-tie rounds the other way, which depends on the
+    CPU's matmul path (a session's machine without oneDNN's float kernels flipped one)."""
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    args = ["--max-model-len", "256", "--kv-cache-memory-bytes", str(8 << 20), *request.param]
+    args = ["--max-model-len", "256", "--kv-cache-memory-bytes", str(8 << 20), "--dtype", "float32"]
+    args += list(request.param)
     process = serving.start(
         model_dir, *args, log_path=str(log_path), additional={"focus_dllm": SERVER_DEFAULTS}
     )
