@@ -383,9 +383,11 @@ class FocusAttentionImpl(AttentionImpl):
         if sparse:
             tiles = self.selector.key_tiles(q, keys, self.scale, meta, sparse, _all_reduce)
             _tiled_cpu(q, keys, meta, sparse)(*args, tiles, starts, self.scale, out)
-        if kept:
+        if kept:  # mostly point tiles: torch's gather beats the compiled kernel's per-point reads
+            from vllm_focus.kernels.cpu import tiled_attention_cpu
+
             tiles = sparse_dllm.attend_tiles(meta, kept, index, q.device)
-            _tiled_cpu(q, keys, meta, kept)(*args, tiles, starts, self.scale, out)
+            tiled_attention_cpu(*args, tiles, starts, self.scale, out)
         if selecting := sparse_dllm.requests_in(meta, sparse_dllm.SELECT):
             sparse_dllm.select(q, key[:count], meta, selecting, index, _all_reduce)
         sparsed.run_layer(
