@@ -43,12 +43,14 @@ class SparseDllmStep:
     kept: dict[int, torch.Tensor]  # layer index -> kept positions [keep] int32, on the device
 
 
-def requests_in(meta, mode: str) -> list[int]:
-    """The forward's requests in Sparse-dLLM's `mode`."""
+def requests_in(meta, mode: str, method: str = "sparse_dllm") -> list[int]:
+    """The forward's requests in `mode` of a method whose per-request steps the FOCUS batch
+    holds under the name `method` (Sparse-dLLM's; SparseD's reuse this)."""
     batch = meta.focus
     if batch is None:
         return []
-    return [r for r, step in enumerate(batch.sparse_dllm) if step is not None and step.mode == mode]
+    steps = getattr(batch, method)
+    return [r for r, step in enumerate(steps) if step is not None and step.mode == mode]
 
 
 def select(q: torch.Tensor, key: torch.Tensor, meta, requests: list[int], index: int, all_reduce):

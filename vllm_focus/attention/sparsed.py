@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_focus.attention import sparse_dllm
 from vllm_focus.attention.selection import top_ranked
 from vllm_focus.settings import SparsedPlan
 
@@ -53,10 +54,8 @@ class SparsedStep:
 
 
 def requests_in(meta, mode: str) -> list[int]:
-    batch = meta.focus
-    if batch is None:
-        return []
-    return [r for r, step in enumerate(batch.sparsed) if step is not None and step.mode == mode]
+    """The forward's requests in SparseD's `mode`."""
+    return sparse_dllm.requests_in(meta, mode, "sparsed")
 
 
 def generation_block(total: int, gen_length: int, block_size: int) -> int:
