@@ -18,6 +18,7 @@ from vllm_focus.reference.model import (
     _expand_pattern,
     _sparsed_pattern,
 )
+from vllm_focus.testing.paged import interpreted
 
 
 def _config(family: str, heads: int, kv_heads: int, head_dim: int) -> ReferenceConfig:
@@ -59,12 +60,17 @@ def test_generation_block(total, gen_length, size, last):
 SPECS = [(70, 20, 8, 0.3), (64, 16, 16, 0.5), (33, 10, 32, 0.3), (100, 64, 7, 0.2)]
 
 
+@pytest.mark.parametrize("path", ["cpu", "triton"])
 @pytest.mark.parametrize(
     "family, heads, kv_heads", [("llada", 4, 4), ("dream", 4, 2), ("dream", 6, 2)]
 )
-def test_engine_pattern_and_attention_equal_the_reference(family, heads, kv_heads):
+def test_engine_pattern_and_attention_equal_the_reference(family, heads, kv_heads, path):
     """A batch of SELECT requests, then the same as ATTEND requests: each layer's pattern as
-    the reference builds it, and the attention through it as the reference's masked softmax."""
+    the reference builds it, and the attention through it as the reference's masked softmax,
+    on either path's block-sparse attention (the Triton kernel through the interpreter)."""
+    attention = None
+    if path == "triton":
+        attention = interpreted("block_sparse", "block_sparse_attention")
     generator = torch.Generator().manual_seed(heads * 10 + kv_heads)
     starts = [0]
     for total, *_ in SPECS:
@@ -91,7 +97,7 @@ def test_engine_pattern_and_attention_equal_the_reference(family, heads, kv_head
         patterns.append(want)
     for step in steps:
         step.mode = ATTEND
-    run_layer(q, key, value, meta, 2, scale, heads, out)
+    run_layer(q, key, value, meta, 2, scale, heads, out, attention)
     for r, (total, _gen, size, _select) in enumerate(SPECS):
         rows = slice(starts[r], starts[r + 1])
         allowed = _expand_pattern(patterns[r], size, total)

@@ -7,9 +7,9 @@ sinks are found, the second sparse), one batch:
 a prompt above `min_prompt_len` (Focus: refreshes through the dense kernel, within-block steps
 through both) beside one below it (dense in every layer, in the same forwards) and a
 Sparse-dLLM request (its kept keys and block through the tiled kernel); then a SparseD one (its
-dense steps through the dense kernel, its pattern built and followed by the torch code the
-CUDA path calls). The interpreter
-runs every program in Python, so the prompts and the canvas are short.
+dense steps through the dense kernel, its pattern built on the device and followed through
+the block-sparse kernel, `kernels/block_sparse.py`). The interpreter runs every program in
+Python, so the prompts and the canvas are short.
 """
 
 from __future__ import annotations

@@ -22,9 +22,10 @@ attention itself always uses 1/sqrt(d).
 Here ties go to the lower block (`selection.top_ranked`; torch.topk leaves them to the
 device) and the scores are float32 whatever the model dtype (the published code rounds the
 softmax to it first). Heads are independent, so under tensor parallelism each rank builds and
-keeps its own heads' masks; nothing is reduced. Both paths run the torch code below (per
-query block, the kept key blocks gathered per head): the tiled kernels take one key set per
-request, not one per head and query block.
+keeps its own heads' masks; nothing is reduced. Both paths run the code below; the
+block-sparse attention itself is `block_sparse_torch` on the CPU path (per query block, the
+kept key blocks gathered per head) and its Triton twin `kernels.block_sparse` on the Triton
+path (one program per query tile and head, walking that head's kept key blocks).
 """
 
 from __future__ import annotations
@@ -101,12 +102,16 @@ def build_mask(q: torch.Tensor, key: torch.Tensor, step: SparsedStep, scale: flo
     return mask
 
 
-def run_layer(q, key, value, meta, index: int, scale: float, num_heads: int, out) -> None:
+def run_layer(
+    q, key, value, meta, index: int, scale: float, num_heads: int, out, attention=None
+) -> None:
     """SparseD's part of one layer, the same on both paths: the ATTEND requests' block-sparse
     attention into `out` (the caller leaves them out of its own), and the SELECT requests'
-    masks (their attention is the caller's dense one). `num_heads`: the model's, all ranks'."""
+    masks (their attention is the caller's dense one). `num_heads`: the model's, all ranks'.
+    `attention`: the block-sparse attention (`block_sparse_torch`, the CPU path's, by default;
+    the Triton path passes `kernels.block_sparse.block_sparse_attention`, its twin)."""
     if attending := requests_in(meta, ATTEND):
-        attend(q, key, value, meta, attending, index, scale, out)
+        attend(q, key, value, meta, attending, index, scale, out, attention or block_sparse_torch)
     if selecting := requests_in(meta, SELECT):
         select(q, key, meta, selecting, index, num_heads, q.shape[-1])
 
@@ -123,20 +128,21 @@ def select(q, key, meta, requests: list[int], index: int, num_heads: int, head_d
         step.masks[index] = build_mask(q[rows], key[rows], step, scale)
 
 
-def attend(q, key, value, meta, requests: list[int], index: int, scale: float, out) -> None:
+def attend(q, key, value, meta, requests: list[int], index, scale, out, attention) -> None:
     """At layer `index`, each ATTEND request's queries attend, per head and query block, the
     key blocks of its mask; K/V are this forward's fresh ones (the whole sequence)."""
     batch, starts = meta.focus, meta.query_start_loc_cpu
     for r in requests:
         step = batch.sparsed[r]
-        mask = step.masks[index]
         rows = slice(starts[r], starts[r + 1])
-        out[rows] = _block_sparse(q[rows], key[rows], value[rows], mask, step.block_size, scale)
+        mask = step.masks[index]
+        attention(q[rows], key[rows], value[rows], mask, step.block_size, scale, out[rows])
 
 
-def _block_sparse(q, key, value, mask, size: int, scale: float) -> torch.Tensor:
-    """q [T, H, D] over key/value [T, Hkv, D], head h and query block i reading the key blocks
-    where mask[h, i] (gathered, padded to the most any head keeps)."""
+def block_sparse_torch(q, key, value, mask, size: int, scale: float, out) -> torch.Tensor:
+    """q [T, H, D] over key/value [T, Hkv, D] into out [T, H, D], head h and query block i
+    reading the key blocks where mask[h, i] (gathered, padded to the most any head keeps).
+    The twin of `kernels.block_sparse.block_sparse_attention` (same arguments)."""
     total, heads, dim = q.shape
     blocks = mask.shape[1]
     group = heads // key.shape[1]
@@ -152,7 +158,6 @@ def _block_sparse(q, key, value, mask, size: int, scale: float) -> torch.Tensor:
     keys, values = per_head_blocks(key), per_head_blocks(value)
     inside = torch.arange(padded, device=q.device).view(blocks, size) < total
     heads_index = torch.arange(heads, device=q.device)[:, None]
-    result = torch.empty_like(q)
     for index in range(blocks):
         chosen = mask[:, index]  # [H, blocks]
         width = int(chosen.sum(1).max())
@@ -165,5 +170,5 @@ def _block_sparse(q, key, value, mask, size: int, scale: float) -> torch.Tensor:
         scores = torch.einsum("hqd,hkd->hqk", block.float(), k.float()) * scale
         scores = scores.masked_fill(~valid.flatten(1)[:, None, :], float("-inf"))
         attended = torch.einsum("hqk,hkd->hqd", scores.softmax(-1), v.float())
-        result[index * size : (index + 1) * size] = attended.transpose(0, 1).to(q.dtype)
-    return result
+        out[index * size : (index + 1) * size] = attended.transpose(0, 1).to(out.dtype)
+    return out

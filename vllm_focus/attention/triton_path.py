@@ -174,6 +174,7 @@ def forward(
 ) -> None:
     """One layer on the Triton path (see the module docstring); `key`, `value`: the forward's
     fresh K/V (Sparse-dLLM's selection and SparseD read them)."""
+    from vllm_focus.kernels.block_sparse import block_sparse_attention
     from vllm_focus.kernels.sparse_attention import tiled_sparse_attention
 
     batch = meta.focus
@@ -204,4 +205,6 @@ def forward(
         )
     if selecting := sparse_dllm.requests_in(meta, sparse_dllm.SELECT):
         sparse_dllm.select(q, key, meta, selecting, index, all_reduce)
-    sparsed.run_layer(q, key, value, meta, index, impl.scale, impl.model_heads, out)
+    sparsed.run_layer(
+        q, key, value, meta, index, impl.scale, impl.model_heads, out, block_sparse_attention
+    )
