@@ -10,7 +10,9 @@ one request with G = 256 response tokens:
   sinks, the response) on the paged cache, plus the block scoring of |F| = 1 focus query;
 - also: |A| queries over all keys (a dense layer of Focus) and the sink scoring (once per
   step, at the last dense layer); on CUDA a refresh's layer, all P + G queries, through
-  vLLM's unified attention (where vLLM is installed) and SDPA; and each kernel's achieved
+  vLLM's unified attention (where vLLM is installed) and SDPA, and SparseD's layer after its
+  pattern step (all P + G queries over 0.3 of the 128-key blocks: the block-sparse kernel and
+  its torch twin); and each kernel's achieved
   K/V read bandwidth against `--peak-gbps`.
 
 The Focus path is the one the FOCUS backend runs: on CUDA the Triton path (the tiled sparse
@@ -58,6 +60,7 @@ BLOCK_QUERIES = 32
 ACTIVE = 3
 PROMPT_BLOCK = 64
 SINKS = 16
+SPARSED_BLOCK, SPARSED_DENSITY = 128, 0.3  # SparseD's long-prompt recipe
 
 
 def _timed(fn, device: str, repeats: int) -> float:
@@ -303,7 +306,33 @@ def run_case(prompt: int, layout: str, device: str, keep_ratio: float, repeats: 
             where, refresh_q, key_cache, value_cache, block_table, total, scale, repeats
         )
         row["refresh_sdpa_ms"] = _timed(lambda: sdpa(refresh_q), where, repeats)
+        row.update(_sparsed_layer(refresh_q, keys, values, scale, generator, repeats))
     return row
+
+
+def _sparsed_layer(q, keys, values, scale, generator, repeats) -> dict:
+    """SparseD's layer after its pattern step: all P + G queries, each (head, 128-query block)
+    over SPARSED_DENSITY of the 128-key blocks (a random pattern; the last block, where the
+    generation is, always kept), through the Triton kernel and through its torch twin."""
+    from vllm_focus.attention.sparsed import block_sparse_torch
+    from vllm_focus.kernels.block_sparse import block_sparse_attention
+
+    total, heads = q.shape[0], q.shape[1]
+    blocks = -(-total // SPARSED_BLOCK)
+    mask = torch.rand(heads, blocks, blocks, generator=generator) < SPARSED_DENSITY
+    mask[:, :, -1] = True
+    mask = mask.to(q.device)
+    args = (q, keys, values, mask, SPARSED_BLOCK, scale)
+    kernel_out, twin_out = torch.empty_like(q), torch.empty_like(q)
+    where = q.device.type
+    kernel_ms = _timed(lambda: block_sparse_attention(*args, kernel_out), where, repeats)
+    twin_ms = _timed(lambda: block_sparse_torch(*args, twin_out), where, repeats)
+    return {
+        "sparsed_kernel_ms": kernel_ms,
+        "sparsed_torch_ms": twin_ms,
+        "sparsed_density": mask.float().mean().item(),
+        "sparsed_vs_torch_rel_rms": rel_rms(kernel_out.float(), twin_out.float()),
+    }
 
 
 def main() -> None:
@@ -351,6 +380,11 @@ def main() -> None:
             unified = r.get("refresh_unified_ms")
             refresh = f"  refresh P+G queries: sdpa {r['refresh_sdpa_ms']:.2f} ms"
             refresh += "" if unified is None else f", unified attention {unified:.2f} ms"
+            refresh += (
+                f"; sparsed ({r['sparsed_density']:.2f} of 128-blocks) kernel "
+                f"{r['sparsed_kernel_ms']:.2f} ms, torch {r['sparsed_torch_ms']:.2f} ms "
+                f"(err {r['sparsed_vs_torch_rel_rms']:.1e})"
+            )
         print(
             f"{r['prompt']:>7} {r['layout']:>10} focus {r['focus_attention_gbps']:8.1f} "
             f"({100 * r['focus_attention_gbps'] / args.peak_gbps:4.1f}%)  dense |A| "
