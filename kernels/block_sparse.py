@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_focus.kernels.paged import check_heads
+from vllm_focus.kernels.paged import check_heads, dot, online_softmax_step
 
 BLOCK_M = 64  # query rows per program
 BLOCK_N = 32  # key positions per inner step
@@ -65,24 +65,11 @@ def _block_sparse_kernel(
             m_n = (within < size) & (pos < total)
             p_k = K + pos[:, None] * stride_kt + i_kvh * stride_kh + o_d[None, :] * stride_kd
             b_k = tl.load(p_k, mask=m_n[:, None] & m_d[None, :], other=0.0)
-            if IEEE:
-                b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
-            else:
-                b_s = tl.dot(b_q, tl.trans(b_k))
+            b_s = dot(b_q, tl.trans(b_k), IEEE)
             b_s = tl.where(m_n[None, :], b_s * scale, float("-inf"))
-            b_new = tl.maximum(b_max, tl.max(b_s, 1))
-            b_safe = tl.where(b_new == float("-inf"), 0.0, b_new)
-            b_alpha = tl.exp(b_max - b_safe)
-            b_p = tl.exp(b_s - b_safe[:, None])
-            b_sum = b_sum * b_alpha + tl.sum(b_p, 1)
             p_v = V + pos[:, None] * stride_vt + i_kvh * stride_vh + o_d[None, :] * stride_vd
             b_v = tl.load(p_v, mask=m_n[:, None] & m_d[None, :], other=0.0)
-            if IEEE:
-                b_pv = tl.dot(b_p.to(b_v.dtype), b_v, input_precision="ieee")
-            else:
-                b_pv = tl.dot(b_p.to(b_v.dtype), b_v)
-            b_acc = b_acc * b_alpha[:, None] + b_pv
-            b_max = b_new
+            b_max, b_sum, b_acc = online_softmax_step(b_s, b_v, b_max, b_sum, b_acc, IEEE)
 
     b_out = b_acc / tl.where(b_sum > 0, b_sum, 1.0)[:, None]
     p_o = OUT + row[:, None] * stride_ot + i_h * stride_oh + o_d[None, :] * stride_od

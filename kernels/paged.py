@@ -1,4 +1,5 @@
-"""Paged-KV-cache addressing shared by the Triton kernels, and their launchers' input checks.
+"""Paged-KV-cache addressing and the online-softmax step shared by the Triton kernels, and
+their launchers' input checks.
 
 A request's token at position p lives in physical block block_table[req, p // block_size],
 row p % block_size; caches are [num_blocks, block_size, num_kv_heads, head_dim] with any
@@ -29,6 +30,30 @@ def load_rows(
     p = CACHE + blk[:, None] * stride_b + (pos % CACHE_BLOCK)[:, None] * stride_n
     p = p + i_kvh * stride_h + o_d[None, :] * stride_d
     return tl.load(p, mask=m_n[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def dot(a, b, IEEE: tl.constexpr):
+    """a @ b with float32 accumulation; IEEE: exact float32 products (for float32 inputs)."""
+    if IEEE:
+        result = tl.dot(a, b, input_precision="ieee")
+    else:
+        result = tl.dot(a, b)
+    return result
+
+
+@triton.jit
+def online_softmax_step(b_s, b_v, b_max, b_sum, b_acc, IEEE: tl.constexpr):
+    """Fold one tile of scaled scores b_s [M, N] (-inf where there is no key) and its values
+    b_v [N, D] into the running max and sum [M] and unnormalised output [M, D]; a tile with
+    no key leaves them as they were. Returns the new (max, sum, output)."""
+    b_new = tl.maximum(b_max, tl.max(b_s, 1))
+    b_safe = tl.where(b_new == float("-inf"), 0.0, b_new)
+    b_alpha = tl.exp(b_max - b_safe)
+    b_p = tl.exp(b_s - b_safe[:, None])
+    b_sum = b_sum * b_alpha + tl.sum(b_p, 1)
+    b_acc = b_acc * b_alpha[:, None] + dot(b_p.to(b_v.dtype), b_v, IEEE)
+    return b_new, b_sum, b_acc
 
 
 def check_int32(**tensors: torch.Tensor) -> None:

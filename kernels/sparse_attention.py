@@ -22,7 +22,13 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_focus.kernels.paged import check_heads, check_int32, physical_blocks
+from vllm_focus.kernels.paged import (
+    check_heads,
+    check_int32,
+    dot,
+    online_softmax_step,
+    physical_blocks,
+)
 
 TILE_N = 64  # positions per key tile
 TILES_PER_SPLIT = 8  # key tiles per program: 512 keys
@@ -105,25 +111,11 @@ def _tiled_sparse_kernel(
         row = pos % CACHE_BLOCK
         p_k = K_CACHE + blk[:, None] * stride_kb + row[:, None] * stride_kn + i_kvh * stride_kh
         b_k = tl.load(p_k + o_d[None, :] * stride_kd, mask=m_n[:, None] & m_d[None, :], other=0.0)
-        if IEEE:
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
-        else:
-            b_s = tl.dot(b_q, tl.trans(b_k))
+        b_s = dot(b_q, tl.trans(b_k), IEEE)
         b_s = tl.where(m_n[None, :], b_s * scale, float("-inf"))
-        # Online softmax; a tile with no key leaves everything as it was.
-        b_new = tl.maximum(b_max, tl.max(b_s, 1))
-        b_safe = tl.where(b_new == float("-inf"), 0.0, b_new)
-        b_alpha = tl.exp(b_max - b_safe)
-        b_p = tl.exp(b_s - b_safe[:, None])
-        b_sum = b_sum * b_alpha + tl.sum(b_p, 1)
         p_v = V_CACHE + blk[:, None] * stride_vb + row[:, None] * stride_vn + i_kvh * stride_vh
         b_v = tl.load(p_v + o_d[None, :] * stride_vd, mask=m_n[:, None] & m_d[None, :], other=0.0)
-        if IEEE:
-            b_pv = tl.dot(b_p.to(b_v.dtype), b_v, input_precision="ieee")
-        else:
-            b_pv = tl.dot(b_p.to(b_v.dtype), b_v)
-        b_acc = b_acc * b_alpha[:, None] + b_pv
-        b_max = b_new
+        b_max, b_sum, b_acc = online_softmax_step(b_s, b_v, b_max, b_sum, b_acc, IEEE)
 
     out_row = row_base + token
     p_a = ACC + slot * stride_as + out_row[:, None] * stride_an + head[:, None] * stride_ah
