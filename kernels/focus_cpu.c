@@ -4,7 +4,7 @@
  * the threads torch uses (the library resolves libgomp to the copy torch already loaded). A
  * task walks its request's tiles (kernels/sparse_attention.py, KeyTiles): a range tile
  * [start, end) is cut at cache-block boundaries into runs of rows of one block, a point tile
- * gives one row per point (-1: none). Each run's scores are computed for all of the task's
+ * into runs of its consecutive points (ascending by one, within one block; -1: none). Each run's scores are computed for all of the task's
  * query rows at once, with the key's head_dim loop outside and the run's rows inside, so a
  * cache layout that stores K transposed per block (CPU_ATTN's [head_dim, block_size]) is read
  * as contiguous vectors; V is read row by row.
@@ -131,10 +131,16 @@ static int next_run(const focus_args_t *a, int32_t req, int32_t *tile, int32_t *
             if (*count > end - *position) *count = end - *position;
             *offset += *count;
         } else {
+            /* consecutive positions within one cache block make one run */
             *position = a->points[point_base + *offset];
-            *count = 1;
             *offset += 1;
             if (*position < 0) continue;
+            *count = 1;
+            while (start + *offset < end && (*position + *count) % bs != 0 &&
+                   a->points[point_base + *offset] == *position + *count) {
+                (*count)++;
+                (*offset)++;
+            }
         }
         *block = a->block_table[(int64_t)req * a->table_stride + *position / bs];
         *block_row = *position % bs;

@@ -47,7 +47,8 @@ def test_batched_tiles_match_twin(impl, num_heads, num_kv_heads, key_set):
 
 @pytest.mark.parametrize("num_heads, num_kv_heads", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compiled_tiles_on_native_layout(num_heads, num_kv_heads, dtype):
+@pytest.mark.parametrize("key_set", ["sparse", "runs"])
+def test_compiled_tiles_on_native_layout(num_heads, num_kv_heads, dtype, key_set):
     """The C kernel on CPU_ATTN's layout (K transposed per block: its fast path) and on
     bfloat16 (widened on load, rounded to nearest even on store), against the twin in float32
     on the same values; query rows with a non-contiguous row stride, as the engine's are."""
@@ -61,7 +62,7 @@ def test_compiled_tiles_on_native_layout(num_heads, num_kv_heads, dtype):
     _, (keys, values) = _native_cache(case, num_kv_heads, BLOCK_SIZE, isa)
     assert keys.stride(1) == 1  # the transposed K the fast path reads
     starts = _query_start(NUM_QUERIES)
-    tiles = key_tiles(KEY_SETS["sparse"], starts, "cpu")
+    tiles = key_tiles(KEY_SETS[key_set], starts, "cpu")
     wide = torch.randn(case["q"].shape[0], num_heads + 2, HEAD_DIM, dtype=dtype)
     q = wide[:, :num_heads]  # row stride (num_heads + 2) x head_dim, as a slice of qkv
     q.copy_(case["q"])
@@ -203,16 +204,18 @@ def test_sink_scores_match_twin(num_heads, num_kv_heads, source, monkeypatch):
 
 @pytest.mark.parametrize("stash", [True, False])
 @pytest.mark.parametrize("num_heads, num_kv_heads", [(4, 4), (7, 1)])
-def test_compiled_mass_over_a_pruned_key_set(num_heads, num_kv_heads, stash, monkeypatch):
+@pytest.mark.parametrize("key_set", ["sparse", "runs"])
+def test_compiled_mass_over_a_pruned_key_set(num_heads, num_kv_heads, stash, key_set, monkeypatch):
     """The mass over any key set (kept ranges, sink points, a point repeated inside a range,
-    skipped points) by the C kernel in one pass or two, against the torch tiled path's."""
+    skipped points, runs of neighbouring points) by the C kernel in one pass or two, against
+    the torch tiled path's."""
     from vllm_focus.kernels.sparse_attention import key_tiles
 
     if not stash:
         monkeypatch.setattr(cpu_compiled, "STASH_FLOATS", 0)
     case = paged_case(SEQ_LENS, NUM_QUERIES, num_heads, num_kv_heads, 1.0, seed=21)
     starts = _query_start(NUM_QUERIES)
-    keys = key_tiles(KEY_SETS["sparse"], starts, "cpu")  # points 5, 9, 300 inside ranges
+    keys = key_tiles(KEY_SETS[key_set], starts, "cpu")  # "sparse": 5, 9, 300 inside ranges
     lengths = [min(n, 150) for n in SEQ_LENS]
     args = (case["q"], case["key_cache"], case["value_cache"], case["block_table"])
     scale = HEAD_DIM**-0.5

@@ -25,6 +25,14 @@ KEY_SETS = {
         (2, [], [3, 7]),
     ],
     "one-request": [(1, [(200, 300)], [0, 1, 2])],
+    # Points in runs of neighbours (the CPU kernel reads each run at once): runs cut at cache
+    # blocks of 16 (14-15 | 16-17, 96-111 | 112-127 | 128-140), by a skipped entry (-1 before
+    # 18), by a step back (42 then 5); a long list spans several point tiles.
+    "runs": [
+        (0, [], [0, 1, 2, 3]),
+        (1, [(600, 610)], [14, 15, 16, 17, -1, 18, 40, 41, 42, 5, 6, *range(96, 141)]),
+        (2, [(8, 10)], [3, 4]),
+    ],
 }
 
 

@@ -14,7 +14,7 @@ block's own fresh K/V.
 Here a score is the sum over the block's queries and heads instead of their mean (a positive
 factor: the same order), all-reduced over tensor-parallel ranks; ties go to the lower position
 (`selection.top_ranked`; torch.topk leaves them to the device, and max-pooling makes many).
-The kept positions stay on the device, per layer, in the request's state; the attention runs on
+The kept positions stay on the device, per layer, ascending, in the request's state; the attention runs on
 the tiled kernels (point tiles for the kept keys, a range for the block) of either path.
 """
 
@@ -83,7 +83,8 @@ def select(q: torch.Tensor, key: torch.Tensor, meta, requests: list[int], index:
             padding=step.kernel // 2,
         )[0, 0]
         chosen = top_ranked(pooled[None], step.keep)[0]
-        step.kept[index] = outside[chosen].to(torch.int32)
+        # ascending: runs of neighbours become one tile run in the CPU kernel
+        step.kept[index] = outside[chosen].sort().values.to(torch.int32)
 
 
 def attend_tiles(meta, requests: list[int], index: int, device) -> KeyTiles:
