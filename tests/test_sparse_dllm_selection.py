@@ -59,7 +59,7 @@ def test_engine_selection_equals_the_reference(heads, kv_heads):
     steps = []
     for total, low, high, ratio, kernel in specs:
         keep = int((total - (high - low)) * ratio)
-        steps.append(SparseDllmStep(SELECT, low, high, keep, kernel, {}))
+        steps.append(SparseDllmStep(SELECT, low, high, keep, kernel, {}, {}))
     meta = SimpleNamespace(focus=SimpleNamespace(sparse_dllm=steps), query_start_loc_cpu=starts)
     select(q, key, meta, [0, 1, 2], 3, lambda scores: scores)
     for r, (_total, low, high, ratio, kernel) in enumerate(specs):

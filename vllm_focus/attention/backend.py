@@ -383,13 +383,14 @@ class FocusAttentionImpl(AttentionImpl):
         if sparse:
             tiles = self.selector.key_tiles(q, keys, self.scale, meta, sparse, _all_reduce)
             _tiled_cpu(q, keys, meta, sparse)(*args, tiles, starts, self.scale, out)
-        if kept:  # mostly point tiles: torch's gather beats the compiled kernel's per-point reads
-            from vllm_focus.kernels.cpu import tiled_attention_cpu
-
-            tiles = sparse_dllm.attend_tiles(meta, kept, index, q.device)
-            tiled_attention_cpu(*args, tiles, starts, self.scale, out)
+        if kept:  # over each request's compacted kept K/V and its block
+            sparse_dllm.attend_compact(
+                q, key[:count], value[:count], meta, kept, index, self.scale, out,
+                _tiled_cpu(q, keys, meta, kept),
+            )  # fmt: skip
         if selecting := sparse_dllm.requests_in(meta, sparse_dllm.SELECT):
             sparse_dllm.select(q, key[:count], meta, selecting, index, _all_reduce)
+            sparse_dllm.compact(key[:count], value[:count], meta, selecting, index)
         sparsed.run_layer(
             q, key[:count], value[:count], meta, index, self.scale, self.model_heads, out
         )

@@ -14,8 +14,14 @@ block's own fresh K/V.
 Here a score is the sum over the block's queries and heads instead of their mean (a positive
 factor: the same order), all-reduced over tensor-parallel ranks; ties go to the lower position
 (`selection.top_ranked`; torch.topk leaves them to the device, and max-pooling makes many).
-The kept positions stay on the device, per layer, ascending, in the request's state; the attention runs on
-the tiled kernels (point tiles for the kept keys, a range for the block) of either path.
+The kept positions stay on the device, per layer, ascending, in the request's state. On
+the Triton path the attention runs on the tiled kernel (point tiles for the kept keys, a range
+for the block) over the paged cache. On the CPU path, where reading scattered rows costs about
+what reading every key does, the SELECT step also copies each layer's kept K/V once into a
+private cache of the request (`compact`: the kept rows in order, then room for the block's),
+as the official code's `filter_cache` compacts its cache; each later step writes the block's
+fresh K/V after them and attends that cache's first kept + block rows as one range. The copy
+holds keep_ratio of the request's K/V per layer beside vLLM's cache, until the block ends.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from vllm_focus.attention.selection import top_ranked
 from vllm_focus.kernels.sparse_attention import KeyTiles, key_tiles
 
 SELECT, ATTEND = "select", "attend"
+COMPACT_BLOCK = 128  # rows per block of the CPU path's compacted caches
 
 
 @dataclass
@@ -41,6 +48,9 @@ class SparseDllmStep:
     keep: int  # keys kept outside the block
     kernel: int  # max-pool width
     kept: dict[int, torch.Tensor]  # layer index -> kept positions [keep] int32, on the device
+    # CPU path: layer index -> (K, V) of the kept rows then the block's, in the kernels'
+    # [blocks, COMPACT_BLOCK, kv_heads, head_dim] layout (K transposed per block)
+    compact: dict[int, tuple[torch.Tensor, torch.Tensor]]
 
 
 def requests_in(meta, mode: str, method: str = "sparse_dllm") -> list[int]:
@@ -103,3 +113,50 @@ def attend_tiles(meta, requests: list[int], index: int, device) -> KeyTiles:
     if not sum(p.numel() for p in points):
         return layout
     return replace(layout, points=torch.cat(points))
+
+
+def _compact_rows(cache: tuple[torch.Tensor, torch.Tensor], first: int, key, value) -> None:
+    """Writes rows `first`.. of a compacted cache from [n, kv_heads, head_dim] K/V."""
+    at = torch.arange(first, first + key.shape[0], device=key.device)
+    blocks, rows = at // COMPACT_BLOCK, at % COMPACT_BLOCK
+    cache[0][blocks, rows] = key
+    cache[1][blocks, rows] = value
+
+
+def compact(key, value, meta, requests: list[int], index: int) -> None:
+    """CPU path, at layer `index` after `select`: each SELECT request's kept K/V, from this
+    forward's fresh rows (every position, in order), copied into its compacted cache."""
+    batch, starts = meta.focus, meta.query_start_loc_cpu
+    num_kv_heads, head_dim = key.shape[1], key.shape[2]
+    for r in requests:
+        step = batch.sparse_dllm[r]
+        kept = step.kept[index].long() + starts[r]
+        blocks = -(-(kept.numel() + step.end - step.start) // COMPACT_BLOCK)
+        shape = (blocks, num_kv_heads, head_dim, COMPACT_BLOCK)
+        keys = torch.empty(shape, dtype=key.dtype, device=key.device).permute(0, 3, 1, 2)
+        values = torch.empty(
+            blocks, COMPACT_BLOCK, num_kv_heads, head_dim, dtype=value.dtype, device=value.device
+        )
+        step.compact[index] = (keys, values)
+        _compact_rows(step.compact[index], 0, key[kept], value[kept])
+
+
+def attend_compact(q, key, value, meta, requests: list[int], index, scale, out, attention):
+    """CPU path, at layer `index`: each ATTEND request's block (its query, in order) writes
+    its fresh K/V after the kept rows of its compacted cache and attends all of them.
+    `attention(q, keys, values, block_table, tiles, query_start, scale, out)` is the tiled
+    attention that fits (`kernels.cpu` or `kernels.cpu_compiled`)."""
+    from vllm_focus.kernels.sparse_attention import key_tiles
+
+    batch, starts = meta.focus, meta.query_start_loc_cpu
+    for r in requests:
+        step, rows = batch.sparse_dllm[r], slice(starts[r], starts[r + 1])
+        cache, keep, count = step.compact[index], step.kept[index].numel(), rows.stop - rows.start
+        _compact_rows(cache, keep, key[rows], value[rows])
+        shape = ("sparse_dllm-compact", keep, count, cache[0].shape[0])
+        layout = meta.step_cache.get(shape)
+        if layout is None:
+            table = torch.arange(cache[0].shape[0], dtype=torch.int32, device=q.device)[None]
+            tiles = key_tiles([(0, [(0, keep + count)], None)], [0, count], q.device)
+            layout = meta.step_cache[shape] = (table, tiles)
+        attention(q[rows], *cache, layout[0], layout[1], [0, count], scale, out[rows])

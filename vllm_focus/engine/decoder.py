@@ -52,6 +52,8 @@ class RequestState:
         # Sparse-dLLM: per layer index, the key positions kept at the block's second step
         # (on the device; written by the FOCUS backend's layers, read by later steps).
         self.kept_keys: dict[int, torch.Tensor] = {}
+        # ... and on the CPU path their K/V, copied once into a private cache per layer.
+        self.kept_compact: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         # SparseD: per layer index, the block pattern fixed at the pattern step, kept for
         # the rest of the request (on the device, written and read by the FOCUS backend).
         self.sparsed_masks: dict[int, torch.Tensor] = {}
@@ -173,6 +175,7 @@ class RequestState:
         self.block_step = 0
         self.indicator.fill_(float("-inf"))
         self.kept_keys.clear()
+        self.kept_compact.clear()
         return tokens
 
     def _propose(self, positions: torch.Tensor, logits_of, start: int):

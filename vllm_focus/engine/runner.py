@@ -55,7 +55,7 @@ def _sparse_dllm_step(state: RequestState, mode: str | None) -> SparseDllmStep |
     rule = state.plan.sparse_dllm
     start, end = state.block_range()
     keep = rule.kept(state.total_len, end - start)
-    return SparseDllmStep(mode, start, end, keep, rule.kernel, state.kept_keys)
+    return SparseDllmStep(mode, start, end, keep, rule.kernel, state.kept_keys, state.kept_compact)
 
 
 def _sparsed_step(state: RequestState, mode: str | None, family: str) -> SparsedStep | None:
