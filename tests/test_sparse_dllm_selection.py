@@ -1,6 +1,7 @@
 """Sparse-dLLM's key selection: the reference's plain statement of the rule by hand, and the
 engine's batched selection (`vllm_focus.attention.sparse_dllm.select`, what both attention
-paths call) against it on random inputs, no engine needed."""
+paths call) against it on random inputs, no engine needed; the CPU path's attention over its
+compacted kept K/V against plain attention over the same keys."""
 
 from __future__ import annotations
 
@@ -9,7 +10,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vllm_focus.attention.sparse_dllm import SELECT, SparseDllmStep, select
+from vllm_focus.attention.sparse_dllm import (
+    ATTEND,
+    SELECT,
+    SparseDllmStep,
+    attend_compact,
+    compact,
+    select,
+)
 from vllm_focus.reference.model import SparseDllmForward, _sparse_dllm_keep
 
 
@@ -67,3 +75,65 @@ def test_engine_selection_equals_the_reference(heads, kv_heads):
         want = _sparse_dllm_keep(q[rows], key[rows], SparseDllmForward(low, high, ratio, kernel))
         assert sorted(steps[r].kept[3].tolist()) == want.tolist()
         assert steps[r].kept[3].dtype == torch.int32
+
+
+def _tiled(name):
+    from vllm_focus.kernels import cpu, cpu_compiled
+
+    if name == "compiled" and not cpu_compiled.available():
+        pytest.skip("no C compiler here")
+    return {"torch": cpu.tiled_attention_cpu, "compiled": cpu_compiled.tiled_attention_compiled}[
+        name
+    ]
+
+
+@pytest.mark.parametrize("impl", ["torch", "compiled"])
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (7, 1)])
+def test_compacted_attention_is_attention_over_the_kept_keys(impl, heads, kv_heads):
+    """The CPU path: at SELECT each request's kept K/V are copied (`compact`); at a later
+    ATTEND step (new block K/V) its block attends the copy plus the block's fresh K/V: equal
+    to plain softmax attention over exactly those keys. Two requests with more kept keys than
+    one compacted block (128 rows), one with none kept."""
+    generator = torch.Generator().manual_seed(heads)
+    specs = [(300, 32, 64, 0.5), (45, 0, 16, 0.5), (20, 4, 20, 0.1)]  # total, block, ratio
+    steps = [
+        SparseDllmStep(SELECT, low, high, int((total - high + low) * ratio), 3, {}, {})
+        for total, low, high, ratio in specs
+    ]
+    starts = [0]
+    for total, *_ in specs:
+        starts.append(starts[-1] + total)
+    dim = 16
+    q = torch.randn(starts[-1], heads, dim, generator=generator)
+    key = torch.randn(starts[-1], kv_heads, dim, generator=generator)
+    value = torch.randn(starts[-1], kv_heads, dim, generator=generator)
+    meta = SimpleNamespace(
+        focus=SimpleNamespace(sparse_dllm=steps), query_start_loc_cpu=starts, step_cache={}
+    )
+    select(q, key, meta, [0, 1, 2], 5, lambda scores: scores)
+    compact(key, value, meta, [0, 1, 2], 5)
+    assert steps[0].kept[5].numel() > 128 and steps[2].kept[5].numel() == 0
+
+    block_starts = [0]
+    for _total, low, high, _ratio in specs:
+        block_starts.append(block_starts[-1] + high - low)
+    block_q = torch.randn(block_starts[-1], heads, dim, generator=generator)
+    block_k = torch.randn(block_starts[-1], kv_heads, dim, generator=generator)
+    block_v = torch.randn(block_starts[-1], kv_heads, dim, generator=generator)
+    for step in steps:
+        step.mode = ATTEND
+    meta = SimpleNamespace(
+        focus=SimpleNamespace(sparse_dllm=steps), query_start_loc_cpu=block_starts, step_cache={}
+    )
+    out = torch.full_like(block_q, float("nan"))
+    scale = dim**-0.5
+    attend_compact(block_q, block_k, block_v, meta, [0, 1, 2], 5, scale, out, _tiled(impl))
+
+    for r, step in enumerate(steps):
+        kept = step.kept[5].long() + starts[r]
+        rows = slice(block_starts[r], block_starts[r + 1])
+        keys = torch.cat([key[kept], block_k[rows]]).repeat_interleave(heads // kv_heads, 1)
+        values = torch.cat([value[kept], block_v[rows]]).repeat_interleave(heads // kv_heads, 1)
+        weights = (torch.einsum("qhd,khd->hqk", block_q[rows], keys) * scale).softmax(-1)
+        want = torch.einsum("hqk,khd->qhd", weights, values)
+        assert torch.allclose(out[rows], want, atol=1e-5, rtol=1e-5)

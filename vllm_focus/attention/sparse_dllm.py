@@ -133,8 +133,9 @@ def compact(key, value, meta, requests: list[int], index: int) -> None:
         kept = step.kept[index].long() + starts[r]
         blocks = -(-(kept.numel() + step.end - step.start) // COMPACT_BLOCK)
         shape = (blocks, num_kv_heads, head_dim, COMPACT_BLOCK)
-        keys = torch.empty(shape, dtype=key.dtype, device=key.device).permute(0, 3, 1, 2)
-        values = torch.empty(
+        # zeros: torch's tiled attention reads whole blocks and masks the rows past the end
+        keys = torch.zeros(shape, dtype=key.dtype, device=key.device).permute(0, 3, 1, 2)
+        values = torch.zeros(
             blocks, COMPACT_BLOCK, num_kv_heads, head_dim, dtype=value.dtype, device=value.device
         )
         step.compact[index] = (keys, values)
