@@ -24,7 +24,7 @@ device) and the scores are float32 whatever the model dtype (the published code 
 softmax to it first). Heads are independent, so under tensor parallelism each rank builds and
 keeps its own heads' masks; nothing is reduced. Both paths run the code below; the
 block-sparse attention itself is `block_sparse_torch` on the CPU path (per query block, the
-kept key blocks gathered per head) and its Triton twin `kernels.block_sparse` on the Triton
+kept key blocks gathered per head, chunks of query blocks through one fused attention) and its Triton twin `kernels.block_sparse` on the Triton
 path (one program per query tile and head, walking that head's kept key blocks).
 """
 
@@ -139,36 +139,67 @@ def attend(q, key, value, meta, requests: list[int], index, scale, out, attentio
         attention(q[rows], key[rows], value[rows], mask, step.block_size, scale, out[rows])
 
 
+# The most gathered K (and as much V) one chunk of query blocks holds, in bytes.
+GATHER_BYTES = 1 << 23
+_workspace: dict[tuple, torch.Tensor] = {}
+
+
+def _gather_buffer(device: torch.device, which: int, elements: int) -> torch.Tensor:
+    """A float32 scratch buffer of at least `elements`, kept between calls (`which`: K or V):
+    a fresh one per call costs its page faults, several times the copy into it on CPU."""
+    held = _workspace.get((device, which))
+    if held is None or held.numel() < elements:
+        held = _workspace[(device, which)] = torch.empty(elements, device=device)
+    return held[:elements]
+
+
 def block_sparse_torch(q, key, value, mask, size: int, scale: float, out) -> torch.Tensor:
     """q [T, H, D] over key/value [T, Hkv, D] into out [T, H, D], head h and query block i
-    reading the key blocks where mask[h, i] (gathered, padded to the most any head keeps).
-    The twin of `kernels.block_sparse.block_sparse_attention` (same arguments)."""
+    reading the key blocks where mask[h, i]. The twin of `kernels.block_sparse.
+    block_sparse_attention` (same arguments).
+
+    Query blocks go in chunks (at most `GATHER_BYTES` of gathered K per chunk): each head's
+    kept key blocks, copied from its KV head's blocks (ascending, padded to the most any
+    (head, query block) keeps; fillers and positions past the end masked out), and one fused
+    softmax attention (torch's scaled_dot_product_attention, float32) over the chunk's query
+    blocks and heads as one batch."""
     total, heads, dim = q.shape
+    kv_heads = key.shape[1]
     blocks = mask.shape[1]
-    group = heads // key.shape[1]
     padded = blocks * size
 
-    def per_head_blocks(x):  # [T, Hkv, D] -> [H, blocks, size, D], zero past the end
-        full = x.new_zeros(padded, x.shape[1], dim)
+    def in_blocks(x):  # [T, h, D] -> [h, blocks, size, D] float32, zero past the end
+        full = x.new_zeros(padded, x.shape[1], dim, dtype=torch.float32)
         full[:total] = x
-        return (
-            full.repeat_interleave(group, dim=1).permute(1, 0, 2).reshape(heads, blocks, size, dim)
-        )
+        return full.permute(1, 0, 2).reshape(x.shape[1], blocks, size, dim)
 
-    keys, values = per_head_blocks(key), per_head_blocks(value)
+    # [Hkv * blocks, size * D]: row j * blocks + b is KV head j's key block b.
+    keys, values = (in_blocks(x).flatten(0, 1).flatten(1) for x in (key, value))
+    queries = in_blocks(q)
+    width = int(mask.sum(-1).max())
+    # Per (head, query block): the kept key blocks first (ascending), then fillers.
+    order = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices[..., :width]
     inside = torch.arange(padded, device=q.device).view(blocks, size) < total
-    heads_index = torch.arange(heads, device=q.device)[:, None]
-    for index in range(blocks):
-        chosen = mask[:, index]  # [H, blocks]
-        width = int(chosen.sum(1).max())
-        # Kept blocks first (ascending), then fillers that the validity mask drops.
-        order = torch.sort((~chosen).to(torch.int8), dim=1, stable=True).indices[:, :width]
-        valid = chosen.gather(1, order)[:, :, None] & inside[order]  # [H, width, size]
-        k = keys[heads_index, order].flatten(1, 2)  # [H, width * size, D]
-        v = values[heads_index, order].flatten(1, 2)
-        block = q[index * size : (index + 1) * size].transpose(0, 1)  # [H, rows, D]
-        scores = torch.einsum("hqd,hkd->hqk", block.float(), k.float()) * scale
-        scores = scores.masked_fill(~valid.flatten(1)[:, None, :], float("-inf"))
-        attended = torch.einsum("hqk,hkd->hqd", scores.softmax(-1), v.float())
-        out[index * size : (index + 1) * size] = attended.transpose(0, 1).to(out.dtype)
+    valid = mask.gather(-1, order)[..., None] & inside[order]  # [H, blocks, width, size]
+    kv_of_head = torch.arange(heads, device=q.device) // (heads // kv_heads)
+    rows_of = (kv_of_head[:, None, None] * blocks + order).transpose(0, 1)  # [blocks, H, width]
+    chunk = max(1, GATHER_BYTES // (heads * width * size * dim * 4))
+    for first in range(0, blocks, chunk):
+        last = min(blocks, first + chunk)
+        picked = rows_of[first:last].flatten()
+
+        def gathered(x, which):  # -> [c, H, width * size, D]
+            buffer = _gather_buffer(q.device, which, picked.numel() * size * dim)
+            torch.index_select(x, 0, picked, out=buffer.view(-1, size * dim))
+            return buffer.view(last - first, heads, width * size, dim)
+
+        attended = torch.nn.functional.scaled_dot_product_attention(
+            queries[:, first:last].transpose(0, 1),  # [c, H, size, D]
+            gathered(keys, 0),
+            gathered(values, 1),
+            attn_mask=valid[:, first:last].flatten(2, 3).transpose(0, 1)[:, :, None, :],
+            scale=scale,
+        )  # [c, H, size, D]
+        rows = slice(first * size, min(total, last * size))
+        out[rows] = attended.transpose(1, 2).flatten(0, 1)[: rows.stop - rows.start].to(out.dtype)
     return out
