@@ -12,8 +12,8 @@ one request with G = 256 response tokens:
   step, at the last dense layer); on CUDA a refresh's layer, all P + G queries, through
   vLLM's unified attention (where vLLM is installed) and SDPA, and SparseD's layer after its
   pattern step (all P + G queries over 0.3 of the 128-key blocks: the block-sparse kernel and
-  its torch twin); and each kernel's achieved
-  K/V read bandwidth against `--peak-gbps`.
+  its torch twin); on the CPU, the refresh's SDPA and SparseD's torch twin (what the CPU path
+  runs); and each kernel's achieved K/V read bandwidth against `--peak-gbps`.
 
 The Focus path is the one the FOCUS backend runs: on CUDA the Triton path (the tiled sparse
 kernel, block scores from block means on the device, the sink layer through the tiled kernel's
@@ -300,11 +300,12 @@ def run_case(prompt: int, layout: str, device: str, keep_ratio: float, repeats: 
     per_key = 2 * num_kv_heads * head_dim * key_cache.element_size()
     row["focus_attention_gbps"] = selected.numel() * per_key / row["focus_attention_ms"] / 1e6
     row["active_dense_gbps"] = total * per_key / row["active_dense_ms"] / 1e6
-    if device == "cuda":  # the interpreter would take minutes per refresh
+    if device != "interpret":  # the interpreter would take minutes per refresh
         refresh_q = torch.randn(total, num_heads, head_dim, generator=generator).to(where, dtype)
-        row["refresh_unified_ms"] = _refresh_ms(
-            where, refresh_q, key_cache, value_cache, block_table, total, scale, repeats
-        )
+        if device == "cuda":
+            row["refresh_unified_ms"] = _refresh_ms(
+                where, refresh_q, key_cache, value_cache, block_table, total, scale, repeats
+            )
         row["refresh_sdpa_ms"] = _timed(lambda: sdpa(refresh_q), where, repeats)
         row.update(_sparsed_layer(refresh_q, keys, values, scale, generator, repeats))
     return row
@@ -313,9 +314,9 @@ def run_case(prompt: int, layout: str, device: str, keep_ratio: float, repeats: 
 def _sparsed_layer(q, keys, values, scale, generator, repeats) -> dict:
     """SparseD's layer after its pattern step: all P + G queries, each (head, 128-query block)
     over SPARSED_DENSITY of the 128-key blocks (a random pattern; the last block, where the
-    generation is, always kept), through the Triton kernel and through its torch twin."""
+    generation is, always kept), through its torch twin (what the CPU path runs) and, on
+    CUDA, the Triton kernel."""
     from vllm_focus.attention.sparsed import block_sparse_torch
-    from vllm_focus.kernels.block_sparse import block_sparse_attention
 
     total, heads = q.shape[0], q.shape[1]
     blocks = -(-total // SPARSED_BLOCK)
@@ -323,16 +324,23 @@ def _sparsed_layer(q, keys, values, scale, generator, repeats) -> dict:
     mask[:, :, -1] = True
     mask = mask.to(q.device)
     args = (q, keys, values, mask, SPARSED_BLOCK, scale)
-    kernel_out, twin_out = torch.empty_like(q), torch.empty_like(q)
+    twin_out = torch.empty_like(q)
     where = q.device.type
-    kernel_ms = _timed(lambda: block_sparse_attention(*args, kernel_out), where, repeats)
-    twin_ms = _timed(lambda: block_sparse_torch(*args, twin_out), where, repeats)
-    return {
-        "sparsed_kernel_ms": kernel_ms,
-        "sparsed_torch_ms": twin_ms,
+    row = {
+        "sparsed_torch_ms": _timed(lambda: block_sparse_torch(*args, twin_out), where, repeats),
         "sparsed_density": mask.float().mean().item(),
-        "sparsed_vs_torch_rel_rms": rel_rms(kernel_out.float(), twin_out.float()),
+        "sparsed_kernel_ms": None,
+        "sparsed_vs_torch_rel_rms": None,
     }
+    if where == "cuda":
+        from vllm_focus.kernels.block_sparse import block_sparse_attention
+
+        kernel_out = torch.empty_like(q)
+        row["sparsed_kernel_ms"] = _timed(
+            lambda: block_sparse_attention(*args, kernel_out), where, repeats
+        )
+        row["sparsed_vs_torch_rel_rms"] = rel_rms(kernel_out.float(), twin_out.float())
+    return row
 
 
 def main() -> None:
@@ -380,11 +388,13 @@ def main() -> None:
             unified = r.get("refresh_unified_ms")
             refresh = f"  refresh P+G queries: sdpa {r['refresh_sdpa_ms']:.2f} ms"
             refresh += "" if unified is None else f", unified attention {unified:.2f} ms"
-            refresh += (
-                f"; sparsed ({r['sparsed_density']:.2f} of 128-blocks) kernel "
-                f"{r['sparsed_kernel_ms']:.2f} ms, torch {r['sparsed_torch_ms']:.2f} ms "
-                f"(err {r['sparsed_vs_torch_rel_rms']:.1e})"
-            )
+            refresh += f"; sparsed ({r['sparsed_density']:.2f} of 128-blocks)"
+            if r["sparsed_kernel_ms"] is not None:
+                refresh += (
+                    f" kernel {r['sparsed_kernel_ms']:.2f} ms"
+                    f" (err {r['sparsed_vs_torch_rel_rms']:.1e}),"
+                )
+            refresh += f" torch {r['sparsed_torch_ms']:.2f} ms"
         print(
             f"{r['prompt']:>7} {r['layout']:>10} focus {r['focus_attention_gbps']:8.1f} "
             f"({100 * r['focus_attention_gbps'] / args.peak_gbps:4.1f}%)  dense |A| "

@@ -23,9 +23,10 @@ Here ties go to the lower block (`selection.top_ranked`; torch.topk leaves them 
 device) and the scores are float32 whatever the model dtype (the published code rounds the
 softmax to it first). Heads are independent, so under tensor parallelism each rank builds and
 keeps its own heads' masks; nothing is reduced. Both paths run the code below; the
-block-sparse attention itself is `block_sparse_torch` on the CPU path (per query block, the
-kept key blocks gathered per head, chunks of query blocks through one fused attention) and its Triton twin `kernels.block_sparse` on the Triton
-path (one program per query tile and head, walking that head's kept key blocks).
+block-sparse attention itself is `block_sparse_torch` on the CPU path (the kept key blocks
+gathered per head and query block, chunks of query blocks through one fused attention) and
+its Triton twin `kernels.block_sparse` on the Triton path (one program per query tile and
+head, walking that head's kept key blocks).
 """
 
 from __future__ import annotations
@@ -149,8 +150,20 @@ def _gather_buffer(device: torch.device, which: int, elements: int) -> torch.Ten
     a fresh one per call costs its page faults, several times the copy into it on CPU."""
     held = _workspace.get((device, which))
     if held is None or held.numel() < elements:
-        held = _workspace[(device, which)] = torch.empty(elements, device=device)
+        held = _workspace[(device, which)] = torch.empty(
+            elements, dtype=torch.float32, device=device
+        )
     return held[:elements]
+
+
+def _gathered(x: torch.Tensor, picked: torch.Tensor, which: int, size: int) -> torch.Tensor:
+    """Rows `picked` [c, H, width] of `x` [blocks, size * D] into scratch buffer `which`:
+    [c, H, width * size, D]."""
+    c, heads, width = picked.shape
+    row = x.shape[1]
+    buffer = _gather_buffer(x.device, which, picked.numel() * row)
+    torch.index_select(x, 0, picked.flatten(), out=buffer.view(-1, row))
+    return buffer.view(c, heads, width * size, row // size)
 
 
 def block_sparse_torch(q, key, value, mask, size: int, scale: float, out) -> torch.Tensor:
@@ -186,17 +199,11 @@ def block_sparse_torch(q, key, value, mask, size: int, scale: float, out) -> tor
     chunk = max(1, GATHER_BYTES // (heads * width * size * dim * 4))
     for first in range(0, blocks, chunk):
         last = min(blocks, first + chunk)
-        picked = rows_of[first:last].flatten()
-
-        def gathered(x, which):  # -> [c, H, width * size, D]
-            buffer = _gather_buffer(q.device, which, picked.numel() * size * dim)
-            torch.index_select(x, 0, picked, out=buffer.view(-1, size * dim))
-            return buffer.view(last - first, heads, width * size, dim)
-
+        picked = rows_of[first:last]  # [c, H, width]
         attended = torch.nn.functional.scaled_dot_product_attention(
             queries[:, first:last].transpose(0, 1),  # [c, H, size, D]
-            gathered(keys, 0),
-            gathered(values, 1),
+            _gathered(keys, picked, 0, size),
+            _gathered(values, picked, 1, size),
             attn_mask=valid[:, first:last].flatten(2, 3).transpose(0, 1)[:, :, None, :],
             scale=scale,
         )  # [c, H, size, D]
