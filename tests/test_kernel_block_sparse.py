@@ -78,3 +78,16 @@ def test_bad_shapes_are_named():
         attention(q, key, value, mask[:, :3, :3], 16, 1.0, torch.empty_like(q))
     with pytest.raises(ValueError, match="key .* and value"):
         attention(q, key[:10], value, mask, 16, 1.0, torch.empty_like(q))
+
+
+def test_torch_twin_inside_and_outside_inference_mode(monkeypatch):
+    """The twin's scratch buffers outlive a call: made in the engine's inference mode, a later
+    call outside it (tests, benchmarks) still writes into them, and gives the same result."""
+    from vllm_focus.attention import sparsed
+
+    monkeypatch.setattr(sparsed, "_workspace", {})
+    q, key, value, mask = _case(300, 4, 2, 128, seed=3)
+    with torch.inference_mode():
+        inside = block_sparse_torch(q, key, value, mask, 128, 0.2, torch.empty_like(q))
+    outside = block_sparse_torch(q, key, value, mask, 128, 0.2, torch.empty_like(q))
+    assert torch.equal(inside, outside)

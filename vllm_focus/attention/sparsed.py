@@ -147,12 +147,14 @@ _workspace: dict[tuple, torch.Tensor] = {}
 
 def _gather_buffer(device: torch.device, which: int, elements: int) -> torch.Tensor:
     """A float32 scratch buffer of at least `elements`, kept between calls (`which`: K or V):
-    a fresh one per call costs its page faults, several times the copy into it on CPU."""
+    a fresh one per call costs its page faults, several times the copy into it on CPU. Made
+    outside inference mode, so that a call outside it (after the engine's, inside it) may
+    still write into it."""
     held = _workspace.get((device, which))
     if held is None or held.numel() < elements:
-        held = _workspace[(device, which)] = torch.empty(
-            elements, dtype=torch.float32, device=device
-        )
+        with torch.inference_mode(False):
+            held = torch.empty(elements, dtype=torch.float32, device=device)
+        _workspace[(device, which)] = held
     return held[:elements]
 
 
